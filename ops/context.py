@@ -1,0 +1,46 @@
+"""What every command shares: the config (loaded on first use), output helpers, exit codes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+OK, PROBLEM, USAGE = 0, 1, 2
+
+
+class Env:
+    """Per-invocation state carried in click's context object."""
+
+    def __init__(self, config_path: Optional[Path]):
+        self.config_path = config_path
+        self._config = None
+
+    @property
+    def config(self):
+        """The validated config; a bad one ends the command with its message and exit 2."""
+        if self._config is None:
+            from watchdog.config import ConfigError, load
+
+            try:
+                self._config = load(self.config_path)
+            except ConfigError as err:
+                click.echo(f"error: {err}", err=True)
+                raise click.exceptions.Exit(USAGE) from None
+        return self._config
+
+
+def emit_json(obj: Any) -> None:
+    """Print one JSON document on stdout (the machine-readable face of every read command)."""
+    json.dump(obj, sys.stdout, indent=2, ensure_ascii=False, default=str)
+    sys.stdout.write("\n")
+
+
+def console():
+    """A rich console on stdout; imported lazily to keep cold start small."""
+    from rich.console import Console
+
+    return Console(highlight=False)
