@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -52,10 +51,7 @@ def cli(ctx: click.Context, config_path: Optional[Path], log_json: Optional[bool
       heygem-ops gpu --watch 1     live per-GPU table
       heygem-ops zombies --json    defunct processes, grouped by parent
     """
-    from heygem import logs
-
-    logs.configure(json=log_json, level=log_level, stream=sys.stderr)
-    ctx.obj = Env(config_path)
+    ctx.obj = Env(config_path, log_json, log_level)
 
 
 def main() -> None:

@@ -15,9 +15,21 @@ OK, PROBLEM, USAGE = 0, 1, 2
 class Env:
     """Per-invocation state carried in click's context object."""
 
-    def __init__(self, config_path: Optional[Path]):
+    def __init__(self, config_path: Optional[Path], log_json: Optional[bool] = None, log_level: str = "warning"):
         self.config_path = config_path
+        self.log_json = log_json
+        self.log_level = log_level
         self._config = None
+        self._logging = False
+
+    def logger(self, name: str):
+        """A structlog logger on stderr; logging is set up on first use to keep cold start small."""
+        from heygem import logs
+
+        if not self._logging:
+            logs.configure(json=self.log_json, level=self.log_level, stream=sys.stderr)
+            self._logging = True
+        return logs.get(name)
 
     @property
     def config(self):
