@@ -1,0 +1,93 @@
+"""`heygem-ops zombies`: defunct processes grouped by the parent that fails to reap them.
+
+Replaces `ps aux | grep defunct | wc -l`: a count says nothing about whose zombies they are, and
+only the parent can reap them. Top-level imports stay at click and the standard library because
+this is a cold-start command; rich is imported only to draw the table.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ops.context import OK, PROBLEM, USAGE, console, emit_json
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print {\"total\": N, \"groups\": [...]} instead of a table.")
+@click.option("--pid", "root", type=click.IntRange(min=1), help="Only zombies in this process's tree (it and its descendants).")
+def zombies(as_json: bool, root: int | None) -> None:
+    """List zombie (defunct) processes, grouped by parent, with the total.
+
+    A zombie is a child that exited and whose parent never reaped it. Only that parent can: fix or
+    restart the parent (`heygem-ops clean`); signalling the zombie does nothing.
+
+    Exit code: 0 none, 1 zombies found, 2 PID does not exist.
+
+    \b
+    Examples:
+      heygem-ops zombies                 table of every zombie on the host
+      heygem-ops zombies --pid 4242      only under process 4242 (e.g. `python app.py`)
+      heygem-ops zombies --json | jq .total
+    """
+    from watchdog import procs
+
+    try:
+        groups = procs.by_parent(procs.zombies(root))
+    except ProcessLookupError:
+        click.echo(f"error: no process with pid {root}", err=True)
+        raise click.exceptions.Exit(USAGE) from None
+    total = sum(len(g.zombies) for g in groups)
+    if as_json:
+        emit_json({"total": total, "groups": [_group_json(g) for g in groups]})
+    else:
+        _print_table(groups, total, root)
+    raise click.exceptions.Exit(PROBLEM if total else OK)
+
+
+def _group_json(group) -> dict:
+    first = group.zombies[0]
+    return {
+        "ppid": group.ppid,
+        "parent_name": first.parent_name,
+        "parent_cmdline": group.parent_cmdline,
+        "parent_user": first.parent_user,
+        "parent_age_s": None if group.parent_age_s is None else round(group.parent_age_s, 1),
+        "count": len(group.zombies),
+        "zombies": [{"pid": z.pid, "name": z.name, "state": "Z"} for z in group.zombies],
+    }
+
+
+def _age(seconds: float | None) -> str:
+    """Two largest units, e.g. 3d 4h, 5m 12s: enough to tell "just started" from "up for weeks"."""
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    parts = [(s // 86400, "d"), (s // 3600 % 24, "h"), (s // 60 % 60, "m"), (s % 60, "s")]
+    while len(parts) > 2 and parts[0][0] == 0:
+        parts.pop(0)
+    return " ".join(f"{n}{unit}" for n, unit in parts[:2])
+
+
+def _members(zs, shown: int = 3) -> str:
+    """The first few zombies; a parent with 41 of them would otherwise fill the screen."""
+    text = "\n".join(f"{z.pid} ({z.name})" for z in zs[:shown])
+    return text + (f"\n+{len(zs) - shown} more" if len(zs) > shown else "")
+
+
+def _print_table(groups, total: int, root: int | None) -> None:
+    where = f"in the tree of pid {root}" if root else "on this host"
+    out = console()
+    if not groups:
+        out.print(f"no zombies {where}")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{total} zombie process(es) {where}, state Z (defunct), by parent")
+    for column in ("parent pid", "user", "parent age", "zombies", "zombie pids (name)"):
+        table.add_column(column, justify="right" if column == "zombies" else "left")
+    table.add_column("parent command", overflow="fold", ratio=1)
+    for g in groups:
+        first = g.zombies[0]
+        table.add_row(str(g.ppid), first.parent_user or "?", _age(g.parent_age_s), str(len(g.zombies)), _members(g.zombies), g.parent_cmdline or first.parent_name or "?")
+    out.print(table)
+    out.print("Only a parent can reap its zombies: make it reap, or restart it (`heygem-ops clean --dry-run` shows how).")

@@ -1,0 +1,276 @@
+"""The process model: zombies on the host or in one tree, and signals that cannot hit a stranger.
+
+Two needs shape this module:
+
+- `zombies()` backs a cold-start CLI command that replaces `ps aux | grep defunct | wc -l`, so it
+  reads /proc/[pid]/stat itself (one small read per process) and imports nothing beyond the
+  standard library; importing psutil alone costs about as long as the whole `ps` pipeline.
+- Killing must target exactly the processes we looked at. A pid alone can be reused by an
+  unrelated process, so every signal goes through a `ProcRef` (pid + create time), verified right
+  before sending, through a pidfd where the kernel has them so the check and the signal cannot race.
+
+psutil is imported inside the functions that need it, to keep `zombies()` free of its import cost.
+Linux only (reads /proc), like the service and systemd units it supervises.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple
+
+_PROC = "/proc"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ProcRef:
+    """A process identity that survives pid reuse: pid + create time."""
+
+    pid: int
+    create_time: float
+
+    @classmethod
+    def of(cls, pid: int) -> "ProcRef":
+        """The process running as `pid` now; raises psutil.NoSuchProcess if there is none."""
+        import psutil
+
+        return cls(pid, psutil.Process(pid).create_time())
+
+    def matches(self) -> bool:
+        """True while the very process we captured still exists (a zombie still counts)."""
+        import psutil
+
+        try:
+            return psutil.Process(self.pid).create_time() == self.create_time
+        except psutil.NoSuchProcess:
+            return False
+
+
+@dataclass(frozen=True)
+class Zombie:
+    pid: int
+    ppid: int
+    name: str
+    parent_name: str | None
+    parent_cmdline: str | None
+    parent_age_s: float | None
+    parent_user: str | None
+
+
+@dataclass(frozen=True)
+class ZombieGroup:
+    """The zombies of one parent: only that parent can reap them, so it is the unit to fix."""
+
+    ppid: int
+    parent_cmdline: str | None
+    parent_age_s: float | None
+    zombies: tuple[Zombie, ...]
+
+
+class _Stat(NamedTuple):
+    """What one /proc/PID/stat line tells us (a NamedTuple: ~10x cheaper to define than a dataclass)."""
+
+    name: str
+    state: str
+    ppid: int
+    start_ticks: int
+
+
+def _read_stat(pid: str) -> _Stat | None:
+    """One /proc/PID/stat line, or None when the process vanished while we looked."""
+    try:
+        with open(f"{_PROC}/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm may itself contain spaces and parentheses: it ends at the LAST ')'.
+    left, right = data.index(b"("), data.rindex(b")")
+    fields = data[right + 2 :].split()
+    # fields[0] is field 3 of proc(5): state; fields[1] ppid; fields[19] starttime (field 22).
+    return _Stat(data[left + 1 : right].decode(errors="replace"), fields[0].decode(), int(fields[1]), int(fields[19]))
+
+
+def _scan() -> dict[int, _Stat]:
+    stats = {}
+    for entry in os.listdir(_PROC):
+        if entry.isdigit():
+            st = _read_stat(entry)
+            if st is not None:
+                stats[int(entry)] = st
+    return stats
+
+
+def _descendants(root: int, stats: dict[int, _Stat]) -> set[int]:
+    children = defaultdict(list)
+    for pid, st in stats.items():
+        children[st.ppid].append(pid)
+    found, todo = {root}, [root]
+    while todo:
+        for child in children[todo.pop()]:
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        with open(f"{_PROC}/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace") or None
+
+
+def _user(pid: int) -> str | None:
+    """The real user, as psutil.Process.username() reports it."""
+    import pwd
+
+    try:
+        with open(f"{_PROC}/{pid}/status", "rb") as f:
+            uid = next(int(line.split()[1]) for line in f if line.startswith(b"Uid:"))
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+    except (OSError, StopIteration):
+        return None
+
+
+def _uptime_s() -> float:
+    with open(f"{_PROC}/uptime", "rb") as f:
+        return float(f.read().split()[0])
+
+
+def zombies(root: int | None = None) -> list[Zombie]:
+    """Every zombie on the host, or only those in `root`'s tree (root and its descendants).
+
+    Read-only: never signals anything. Raises ProcessLookupError when `root` does not exist.
+    """
+    stats = _scan()
+    scope = None
+    if root is not None:
+        if root not in stats:
+            raise ProcessLookupError(f"no process with pid {root}")
+        scope = _descendants(root, stats)
+    found = [pid for pid, st in stats.items() if st.state == "Z" and (scope is None or pid in scope)]
+    if not found:
+        return []
+    uptime = _uptime_s()
+    parents = {}
+    for ppid in {stats[pid].ppid for pid in found}:
+        parent = stats.get(ppid)
+        parents[ppid] = (
+            parent.name if parent else None,
+            _cmdline(ppid),
+            uptime - parent.start_ticks / _CLOCK_TICKS if parent else None,
+            _user(ppid),
+        )
+    return [Zombie(pid, stats[pid].ppid, stats[pid].name, *parents[stats[pid].ppid]) for pid in sorted(found)]
+
+
+def by_parent(zs: Iterable[Zombie]) -> list[ZombieGroup]:
+    """Group zombies by parent, the largest group first (ties: lowest parent pid first)."""
+    groups: dict[int, list[Zombie]] = defaultdict(list)
+    for z in zs:
+        groups[z.ppid].append(z)
+    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+    return [
+        ZombieGroup(ppid, members[0].parent_cmdline, members[0].parent_age_s, tuple(sorted(members, key=lambda z: z.pid)))
+        for ppid, members in ordered
+    ]
+
+
+def tree(root: int) -> list[ProcRef]:
+    """`root` and all its descendants, refs captured now; raises psutil.NoSuchProcess for a missing root."""
+    import psutil
+
+    top = psutil.Process(root)
+    refs = [ProcRef(root, top.create_time())]
+    for child in top.children(recursive=True):
+        try:
+            refs.append(ProcRef(child.pid, child.create_time()))
+        except psutil.NoSuchProcess:
+            continue
+    return refs
+
+
+def send(ref: ProcRef, sig: int) -> bool:
+    """Signal the process only if it is still the one `ref` captured; False if gone or pid reused.
+
+    With a pidfd (Linux >= 5.3) the fd pins the process we verified, so a pid reused between the
+    check and the signal cannot receive it. Older kernels (CentOS 7) fall back to kill(2).
+    """
+    try:
+        pidfd = os.pidfd_open(ref.pid)
+    except ProcessLookupError:
+        return False
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        if not ref.matches():
+            return False
+        if pidfd is None:
+            os.kill(ref.pid, sig)
+        else:
+            signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _wait_exit(refs: list[ProcRef], timeout_s: float) -> list[ProcRef]:
+    """Wait up to timeout_s for the processes to exit; return those still running.
+
+    A zombie has exited: only its parent can reap it, so it is not waited for (psutil's wait on
+    someone else's zombie would block to the deadline). Our own children are reaped by the wait.
+    """
+    import psutil
+
+    procs = {}
+    for ref in refs:
+        try:
+            proc = psutil.Process(ref.pid)
+        except psutil.NoSuchProcess:
+            continue
+        if proc.create_time() == ref.create_time:
+            procs[proc] = ref
+    deadline = time.monotonic() + timeout_s
+    alive = list(procs)
+    while alive:
+        _, alive = psutil.wait_procs(alive, timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+        alive = [p for p in alive if not _is_zombie(p)]
+        if time.monotonic() >= deadline:
+            break
+    return [procs[p] for p in alive]
+
+
+def _is_zombie(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def terminate(refs: Iterable[ProcRef], grace_s: float, kill_wait_s: float = 5.0) -> dict[str, list[ProcRef]]:
+    """TERM every process that is still the one captured, wait up to grace_s, KILL the survivors.
+
+    Returns {"terminated": exited after TERM, "killed": needed KILL, "gone": already gone or pid
+    reused (never signalled), "alive": still there kill_wait_s after KILL (stuck in the kernel)}.
+    """
+    refs = list(refs)
+    signalled = [ref for ref in refs if send(ref, signal.SIGTERM)]
+    gone = [ref for ref in refs if ref not in signalled]
+    stubborn = _wait_exit(signalled, grace_s)
+    killed = [ref for ref in stubborn if send(ref, signal.SIGKILL)]
+    terminated = [ref for ref in signalled if ref not in killed]
+    alive = _wait_exit(killed, kill_wait_s)
+    return {"terminated": terminated, "killed": killed, "gone": gone, "alive": alive}
