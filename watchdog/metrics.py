@@ -1,0 +1,126 @@
+"""The daemon's /metrics: what it sampled last tick, in Prometheus text format.
+
+The values come from the same plain views the rules read, so a dashboard and an alert can never
+disagree about what was seen. Views are rendered at scrape time by a collector from the latest
+`update_from` call, which has two consequences worth having: a stage or GPU that disappears stops
+being exported (no stale series), and cumulative counters such as a stage's `items_out` are
+exported as they are, resets included, which Prometheus' rate() understands.
+
+A dedicated CollectorRegistry keeps the export to our own metrics (and lets tests build many).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, Mapping, Optional, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from watchdog.alerts import ALERTS, AlertEvent, GpuView, StageView
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_MIB = 1024 * 1024
+_TICK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """All metrics of one daemon; `render()` is what /metrics serves.
+
+    `update_from` replaces whole views (tuples, swapped in one assignment each), so a scrape from
+    the HTTP thread sees either the previous tick's view or this one's, never half of each.
+    """
+
+    def __init__(self, version: str, mode: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._gpus: tuple[GpuView, ...] = ()
+        self._stages: tuple[StageView, ...] = ()
+        self._jobs: tuple[tuple[str, int], ...] = ()
+        self._zombies: Optional[int] = None
+        self._restarts: tuple[tuple[str, int], ...] = ()
+        self._firing: tuple[tuple[str, int], ...] = tuple((name, 0) for name in ALERTS)
+        self.registry.register(self)
+        self._tick = Histogram(
+            "heygem_tick_duration_seconds", "Time one daemon tick took (probes, rules, actions).",
+            buckets=_TICK_BUCKETS, registry=self.registry,
+        )
+        Info("heygem_daemon", "The running watchdog daemon.", registry=self.registry).info({"version": version, "mode": mode})
+
+    def update_from(
+        self,
+        *,
+        gpus: Optional[Sequence[GpuView]] = None,
+        stages: Optional[Sequence[StageView]] = None,
+        jobs: Optional[Mapping[str, int]] = None,
+        zombies: Optional[int] = None,
+        restarts: Optional[Mapping[str, int]] = None,
+        firing: Optional[Iterable[AlertEvent]] = None,
+    ) -> None:
+        """Take this tick's views; an argument left None keeps its previous value.
+
+        `jobs`: count per job state; `restarts`: cumulative restarts per worker (e.g.
+        `RestartPolicy.restarts`); `firing`: `AlertBook.firing()`.
+        """
+        if gpus is not None:
+            self._gpus = tuple(gpus)
+        if stages is not None:
+            self._stages = tuple(stages)
+        if jobs is not None:
+            self._jobs = tuple(sorted(jobs.items()))
+        if zombies is not None:
+            self._zombies = zombies
+        if restarts is not None:
+            self._restarts = tuple(sorted(restarts.items()))
+        if firing is not None:
+            counts = Counter({name: 0 for name in ALERTS})
+            counts.update(e.alert for e in firing)
+            self._firing = tuple(sorted(counts.items()))
+
+    def observe_tick(self, seconds: float) -> None:
+        self._tick.observe(seconds)
+
+    def render(self) -> bytes:
+        """The text exposition format (serve with CONTENT_TYPE_LATEST)."""
+        return generate_latest(self.registry)
+
+    def collect(self):
+        """The view-backed families (called by the registry at scrape time)."""
+        gpus, stages = self._gpus, self._stages
+        util = GaugeMetricFamily("heygem_gpu_utilization_ratio", "GPU compute utilisation, 0..1.", labels=["gpu"])
+        mem = GaugeMetricFamily("heygem_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
+        for g in gpus:
+            util.add_metric([str(g.index)], g.util_pct / 100.0)
+            mem.add_metric([str(g.index)], g.mem_used_mib * _MIB)
+        yield util
+        yield mem
+
+        depth = GaugeMetricFamily("heygem_queue_depth", "Items waiting in a stage's input queue.", labels=["replica", "stage"])
+        capacity = GaugeMetricFamily("heygem_queue_capacity", "Capacity of a stage's input queue.", labels=["replica", "stage"])
+        processed = CounterMetricFamily("heygem_stage_items_processed", "Items a stage has handed on.", labels=["replica", "stage"])
+        for s in stages:
+            labels = [str(s.replica), s.stage]
+            depth.add_metric(labels, s.queue_depth)
+            capacity.add_metric(labels, s.queue_capacity)
+            processed.add_metric(labels, s.items_out)
+        yield depth
+        yield capacity
+        yield processed
+
+        jobs = GaugeMetricFamily("heygem_jobs", "Jobs in the store by state.", labels=["state"])
+        for state, n in self._jobs:
+            jobs.add_metric([state], n)
+        yield jobs
+
+        if self._zombies is not None:
+            yield GaugeMetricFamily("heygem_zombie_processes", "Zombie processes in the service's tree.", value=self._zombies)
+
+        restarts = CounterMetricFamily("heygem_worker_restarts", "Worker restarts by the daemon.", labels=["worker"])
+        for worker, n in self._restarts:
+            restarts.add_metric([worker], n)
+        yield restarts
+
+        firing = GaugeMetricFamily("heygem_alerts_firing", "Alert instances firing, by alert name.", labels=["alert"])
+        for name, n in self._firing:
+            firing.add_metric([name], n)
+        yield firing
