@@ -1,0 +1,223 @@
+"""Video files: probe, read frames by index, write atomically, mux the audio.
+
+OpenCV reads and writes; ffmpeg, when installed, adds the audio track. Every error names the
+file. A half-written output never appears under its final name: frames go to a temp file next
+to it, renamed only when the writer closes cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+import numpy as np
+
+MIN_SIDE = 16
+MAX_FPS = 240.0
+CACHE_BYTES = 256 << 20
+MUX_TIMEOUT_S = 600.0
+
+
+class VideoError(ValueError):
+    """A video that cannot be read or written; the message starts with the file's name."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int
+    height: int
+    fps: float
+    frames: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps
+
+
+def _open(path: Path):
+    import cv2
+
+    if not path.exists():
+        raise VideoError(f"{path}: no such file")
+    if not path.is_file():
+        raise VideoError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path}: empty file")
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        cap.release()
+        raise VideoError(f"{path}: not a video OpenCV can open")
+    return cap
+
+
+def probe(path: Union[str, Path], max_width: int = 3840, max_height: int = 2160) -> VideoInfo:
+    """Size, frame rate and frame count, checked: zero frames, a bad frame rate or a
+    resolution below MIN_SIDE or above the limits (config `max_width`/`max_height`) is an error.
+
+    The container's frame count is trusted only when positive; otherwise frames are counted by
+    decoding, since some files carry no count."""
+    import cv2
+
+    path = Path(path)
+    cap = _open(path)
+    try:
+        width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        fps = float(cap.get(cv2.CAP_PROP_FPS))
+        frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        ok, first = cap.read()
+        if not ok or first is None:
+            raise VideoError(f"{path}: zero frames (no decodable video frame)")
+        if frames <= 0:
+            frames = 1
+            while cap.grab():
+                frames += 1
+    finally:
+        cap.release()
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise VideoError(f"{path}: resolution {width}x{height} is too small (at least {MIN_SIDE}x{MIN_SIDE})")
+    if width > max_width or height > max_height:
+        raise VideoError(f"{path}: resolution {width}x{height} is above the limit {max_width}x{max_height} (config max_width/max_height)")
+    if not (math.isfinite(fps) and 0 < fps <= MAX_FPS):
+        raise VideoError(f"{path}: frame rate {fps:g} is not usable (0 < fps <= {MAX_FPS:g})")
+    return VideoInfo(width, height, fps, frames)
+
+
+def read_frames(path: Union[str, Path], indices: Iterable[int], cache_bytes: int = CACHE_BYTES) -> Iterator[np.ndarray]:
+    """Yield the BGR uint8 frame for each index, in the order given (repeats and going back
+    allowed, as a ping-pong frame plan needs).
+
+    Forward steps decode sequentially; recently decoded frames are kept up to `cache_bytes`, so
+    the backward half of a ping-pong loop over a short template decodes nothing; older frames
+    are reached by seeking. Yielded arrays may be shared with the cache: do not modify them.
+    """
+    import cv2
+
+    path = Path(path)
+    cap = _open(path)
+    cache: OrderedDict[int, np.ndarray] = OrderedDict()
+    used = 0
+    pos = 0  # index of the frame the next cap.read() returns
+    try:
+        for index in indices:
+            if index < 0:
+                raise VideoError(f"{path}: frame index {index} is negative")
+            frame = cache.get(index)
+            if frame is not None:
+                cache.move_to_end(index)
+                yield frame
+                continue
+            if index < pos or index > pos + 64:
+                cap.set(cv2.CAP_PROP_POS_FRAMES, index)
+                pos = index
+            while pos < index:
+                if not cap.grab():
+                    raise VideoError(f"{path}: cannot read frame {index} (the file ends at frame {pos})")
+                pos += 1
+            ok, frame = cap.read()
+            if not ok or frame is None:
+                raise VideoError(f"{path}: cannot read frame {index}")
+            pos += 1
+            cache[index] = frame
+            used += frame.nbytes
+            while used > cache_bytes and len(cache) > 1:
+                used -= cache.popitem(last=False)[1].nbytes
+            yield frame
+    finally:
+        cap.release()
+
+
+class VideoWriter:
+    """Write BGR uint8 frames to `path` (mp4v in MP4), atomically.
+
+    Frames go to a hidden temp file in the same folder; `close()` renames it to `path`, and
+    `abort()` (or leaving the `with` block by an exception) deletes it, so `path` either holds
+    a complete video or is untouched. OpenCV drops frames of the wrong size without a word;
+    `write` refuses them instead.
+    """
+
+    def __init__(self, path: Union[str, Path], fps: float, size: tuple[int, int]):
+        import cv2
+
+        self.path = Path(path)
+        self.size = (int(size[0]), int(size[1]))
+        self.frames = 0
+        self.tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.partial{self.path.suffix or '.mp4'}")
+        self._writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), self.size)
+        if not self._writer.isOpened():
+            self._writer.release()
+            self.tmp.unlink(missing_ok=True)
+            raise VideoError(f"{self.path}: OpenCV cannot write an mp4v video here ({self.size[0]}x{self.size[1]} at {fps:g} fps)")
+
+    def write(self, frame: np.ndarray) -> None:
+        if self._writer is None:
+            raise VideoError(f"{self.path}: writer is closed")
+        w, h = self.size
+        if frame.shape != (h, w, 3) or frame.dtype != np.uint8:
+            raise VideoError(f"{self.path}: frame {self.frames} is {frame.shape} {frame.dtype}, expected ({h}, {w}, 3) uint8")
+        self._writer.write(frame)
+        self.frames += 1
+
+    def close(self) -> Path:
+        """Finish the file and move it to its final name; a video with no frames is an error."""
+        if self._writer is None:
+            return self.path
+        self._writer.release()
+        self._writer = None
+        if self.frames == 0:
+            self.tmp.unlink(missing_ok=True)
+            raise VideoError(f"{self.path}: no frames were written")
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def mux(video: Union[str, Path], audio: Union[str, Path], out: Union[str, Path], timeout_s: float = MUX_TIMEOUT_S) -> bool:
+    """Put `audio` under `video` as `out` (H.264 + AAC, ends with the shorter stream).
+
+    Returns True when muxed. Without ffmpeg the silent video is moved to `out` and False is
+    returned, for the caller to report; the job still has its frames. `video` is consumed
+    either way. ffmpeg writes to a temp name first, so `out` is never half-written.
+    """
+    video, audio, out = Path(video), Path(audio), Path(out)
+    ffmpeg: Optional[str] = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        shutil.move(str(video), str(out))
+        return False
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.mux{out.suffix or '.mp4'}")
+    cmd = [
+        ffmpeg, "-nostdin", "-v", "error", "-y", "-i", str(video), "-i", str(audio),
+        "-map", "0:v:0", "-map", "1:a:0", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "20",
+        "-c:a", "aac", "-b:a", "128k", "-shortest", str(tmp),
+    ]
+    try:
+        done = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        tmp.unlink(missing_ok=True)
+        raise VideoError(f"{out}: ffmpeg did not finish muxing within {timeout_s:.0f} s") from None
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        why = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise VideoError(f"{out}: ffmpeg failed to mux {video.name} + {audio.name}: {why[-1] if why else f'exit {done.returncode}'}")
+    os.replace(tmp, out)
+    video.unlink(missing_ok=True)
+    return True
