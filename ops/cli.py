@@ -12,8 +12,10 @@ from ops.context import Env
 
 # name -> "module:attribute"; a command's module is imported only when that command runs.
 COMMANDS = {
+    "demo": "ops.demo:demo",
     "doctor": "ops.doctor:doctor",
     "gpu": "ops.gpu:gpu",
+    "install-service": "ops.install_service:install_service",
     "zombies": "ops.zombies:zombies",
 }
 
@@ -47,6 +49,7 @@ def cli(ctx: click.Context, config_path: Optional[Path], log_json: Optional[bool
 
     \b
     Examples:
+      heygem-ops demo              the whole pipeline offline, on embedded defaults
       heygem-ops doctor            is inference really on the GPUs?
       heygem-ops gpu --watch 1     live per-GPU table
       heygem-ops zombies --json    defunct processes, grouped by parent

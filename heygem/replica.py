@@ -1,0 +1,174 @@
+"""One pipeline replica, seen from its supervisor: three stage processes bound to one device.
+
+A replica owns its plumbing (frame ring, queues, events, stop and drain flags). Restarting it
+means a new incarnation: fresh ring and queues (a lock a killed process held dies with them) and
+a new worker name, so a presumed-dead incarnation can never complete a job handed to another.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import time
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from heygem.jobs import JobError, JobStore
+from heygem.ring import FrameRing
+from heygem.stages import EXIT_FALLBACK, STAGES, Aborts, Channels, StageSpec, main, slot_bytes
+
+QUEUE_SLOTS = 4  # descriptors between stages; the ring's slots are the real bound
+EVENTS_PER_POLL = 256
+
+
+@dataclass
+class ReplicaState:
+    """What the supervisor knows of a replica, updated from its stages' events."""
+
+    ready: set = field(default_factory=set)  # stages that opened their sessions
+    sessions: dict = field(default_factory=dict)  # role -> SessionCheck dict
+    fatal: Optional[dict] = None  # the last stage's fatal report
+    started_at: float = 0.0
+
+
+class Replica:
+    """Start, watch and stop the stage processes of replica `index` on `device`."""
+
+    def __init__(self, index: int, base: StageSpec, ring_slots: int, ctx=None, log_json: bool = True,
+                 log_level: str = "info"):
+        self.index = index
+        self.base = base
+        self.ring_slots = ring_slots
+        self.ctx = ctx or multiprocessing.get_context("spawn")
+        self.log_json = log_json
+        self.log_level = log_level
+        self.generation = 0
+        self.procs: dict[str, multiprocessing.process.BaseProcess] = {}
+        self.state = ReplicaState()
+        self.channels: Optional[Channels] = None
+
+    @property
+    def device(self):
+        return self.base.device
+
+    @property
+    def worker(self) -> str:
+        return f"replica-{self.index}.{self.generation}"
+
+    def start(self) -> None:
+        """Spawn a new incarnation: fresh plumbing, three stage processes."""
+        if self.procs:
+            raise RuntimeError(f"replica {self.index} is running; stop it first")
+        self.generation += 1
+        ctx = self.ctx
+        ring = FrameRing.create(self.ring_slots, (slot_bytes(self.base.max_width, self.base.max_height),), ctx=ctx,
+                                name=f"heygem_r{self.index}_{self.generation}_{id(self) & 0xffff:x}")
+        self.channels = Channels(
+            ring=ring,
+            to_generate=ctx.Queue(QUEUE_SLOTS),
+            to_encode=ctx.Queue(QUEUE_SLOTS),
+            events=ctx.Queue(EVENTS_PER_POLL),
+            stop=ctx.Event(),
+            drain=ctx.Event(),
+            aborts=Aborts(ctx),
+        )
+        spec = replace(self.base, worker=self.worker)
+        self.state = ReplicaState(started_at=time.time())
+        for stage in STAGES:
+            proc = ctx.Process(target=main, args=(stage, spec, self.channels, self.log_json, self.log_level),
+                               name=f"heygem-{stage}-{self.index}", daemon=False)
+            proc.start()
+            self.procs[stage] = proc
+
+    def pids(self) -> dict[str, int]:
+        return {stage: p.pid for stage, p in self.procs.items() if p.pid is not None}
+
+    def dead(self) -> dict[str, Optional[int]]:
+        """Stages whose process has exited, with exit codes (the supervisor joins them)."""
+        return {stage: p.exitcode for stage, p in self.procs.items() if not p.is_alive()}
+
+    def ready(self) -> bool:
+        return bool(self.procs) and self.state.ready >= set(STAGES) and not self.dead()
+
+    def fell_back(self) -> bool:
+        """True when a stage refused to serve on the CPU (fallback = "fail")."""
+        return any(code == EXIT_FALLBACK for code in self.dead().values())
+
+    def poll(self) -> list[tuple]:
+        """Drain the stages' events without blocking; update what is known of the replica."""
+        out = []
+        if self.channels is None:
+            return out
+        for _ in range(EVENTS_PER_POLL):
+            try:
+                kind, stage, payload = self.channels.events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "ready":
+                self.state.ready.add(stage)
+            elif kind == "session":
+                self.state.sessions[payload["role"]] = payload
+            elif kind == "fatal":
+                self.state.fatal = {"stage": stage, **payload}
+            out.append((kind, stage, payload))
+        return out
+
+    def drain(self) -> None:
+        """Take no new job; the current one runs to its end."""
+        if self.channels is not None:
+            self.channels.drain.set()
+
+    def stop(self, store: JobStore, grace_s: float) -> list[int]:
+        """Stop every stage within `grace_s` (then SIGTERM, then SIGKILL), free the plumbing,
+        and requeue the jobs this incarnation still holds. Returns the requeued job ids."""
+        if self.channels is not None:
+            self.channels.stop.set()
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=2.0)
+        self.poll()
+        self._close_plumbing()
+        self.procs = {}
+        return self.requeue_held(store, "replica stopped")
+
+    def requeue_held(self, store: JobStore, reason: str) -> list[int]:
+        """Jobs still running under this incarnation's name go back to the queue."""
+        held = [j for j in store.list(state="running", limit=1000) if j.worker == self.worker]
+        out = []
+        for job in held:
+            try:
+                store.requeue(job.id, f"{self.worker}: {reason}")
+                out.append(job.id)
+            except JobError:
+                pass  # finished or requeued by someone else meanwhile
+        return out
+
+    def _close_plumbing(self) -> None:
+        ch, self.channels = self.channels, None
+        if ch is None:
+            return
+        for q in (ch.to_generate, ch.to_encode, ch.events):
+            q.cancel_join_thread()  # never block on a feeder thread whose reader is gone
+            q.close()
+        ch.ring.close()
+
+    def status(self) -> dict:
+        return {
+            "index": self.index,
+            "device": self.device,
+            "worker": self.worker,
+            "generation": self.generation,
+            "ready": self.ready(),
+            "pids": self.pids(),
+            "dead": self.dead(),
+            "sessions": self.state.sessions,
+            "fatal": self.state.fatal,
+            "started_at": self.state.started_at,
+        }

@@ -1,0 +1,195 @@
+"""The embedded pipeline end to end: real spawned stage processes, real ONNX Runtime sessions on
+the demo models, real shared memory and a real SQLite store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import cv2
+import psutil
+import pytest
+
+from heygem import assets
+from heygem.config import PipelineConfig
+from heygem.jobs import JobStore
+from heygem.pipeline import Pipeline, resolve_models
+
+pytestmark = pytest.mark.timeout(180)
+FPS = 25.0
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    return {
+        "root": root,
+        "models": root / "models",
+        "template": assets.make_template_video(root / "template.mp4", seconds=2.0, fps=FPS),
+        "audio": assets.make_speech_audio(root / "speech.wav", seconds=1.2),
+        "long_audio": assets.make_speech_audio(root / "long.wav", seconds=6.0, seed=1),
+    }
+
+
+def shm_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("heygem_")}
+
+
+@pytest.fixture
+def pipeline(inputs, tmp_path):
+    before = shm_segments()
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    p = Pipeline(PipelineConfig(lease_s=10.0), store, models_dir=inputs["models"], output_dir=tmp_path / "out")
+    p.start()
+    wait(lambda: p.ready() or any(r.dead() for r in p.replicas), 60, p)
+    assert p.ready(), p.status()
+    yield p
+    pids = [pid for r in p.replicas for pid in r.pids().values()]
+    p.stop(grace_s=5)
+    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not stage_children(), "a stage process was left behind"
+    assert shm_segments() <= before, "a shared-memory segment was left behind"
+
+
+def stage_children() -> list:
+    """Our children, less multiprocessing's resource tracker (it lives as long as the test run)."""
+    return [c for c in psutil.Process().children() if "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def wait(predicate, timeout_s: float, pipeline=None):
+    """Poll `predicate` (draining pipeline events) until true or the bounded time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pipeline is not None:
+            pipeline.poll()
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def finished(store, job_id):
+    return lambda: store.get(job_id).state in ("succeeded", "failed", "cancelled")
+
+
+def frame_count(path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+def test_jobs_produce_playable_videos_of_the_audio_length(pipeline, inputs, tmp_path):
+    store = pipeline.store
+    ids = [store.submit(str(inputs["audio"]), str(inputs["template"]), str(tmp_path / f"o{i}.mp4")).id for i in range(2)]
+    assert wait(lambda: all(finished(store, i)() for i in ids), 90, pipeline)
+    for job_id in ids:
+        job = store.get(job_id)
+        assert job.state == "succeeded", job.reason
+        assert job.progress == 100 and job.attempts == 1
+        assert frame_count(job.result) == round(1.2 * FPS)
+    assert not list(tmp_path.glob(".*partial*")), "temp files must be renamed or removed"
+    rows = {r["stage"]: r for r in pipeline.status()["stages"]}
+    assert rows["encode"]["items_out"] == 2 * round(1.2 * FPS)
+    sessions = pipeline.status()["replicas"][0]["sessions"]
+    assert {s["active"][0] for s in sessions.values()} == {"CPUExecutionProvider"}
+
+
+@pytest.mark.parametrize(
+    "make_bad, culprit",
+    [
+        (lambda d, i: (str(d / "missing.wav"), str(i["template"])), "missing.wav: no such file"),
+        (lambda d, i: (str(i["audio"]), str(_text_file(d / "notes.mp4"))), "notes.mp4"),
+        (lambda d, i: (str(_text_file(d / "speech.wav")), str(i["template"])), "speech.wav"),
+    ],
+    ids=["missing-audio", "text-as-video", "text-as-audio"],
+)
+def test_a_bad_job_fails_alone_with_its_reason(pipeline, inputs, tmp_path, make_bad, culprit):
+    store = pipeline.store
+    bad = store.submit(*make_bad(tmp_path, inputs), str(tmp_path / "bad.mp4")).id
+    good = store.submit(str(inputs["audio"]), str(inputs["template"]), str(tmp_path / "good.mp4")).id
+    assert wait(lambda: finished(store, bad)() and finished(store, good)(), 90, pipeline)
+    assert store.get(bad).state == "failed"
+    assert culprit in store.get(bad).reason
+    assert not (tmp_path / "bad.mp4").exists()
+    assert store.get(good).state == "succeeded", store.get(good).reason
+
+
+def _text_file(path: Path) -> Path:
+    path.write_text("this is not media\n")
+    return path
+
+
+def test_an_encode_failure_travels_and_the_next_job_starts_clean(pipeline, inputs, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    store = pipeline.store
+    bad = store.submit(str(inputs["long_audio"]), str(inputs["template"]), str(tmp_path / "a-file" / "out.mp4")).id
+    good = store.submit(str(inputs["audio"]), str(inputs["template"]), str(tmp_path / "good.mp4")).id
+    assert wait(finished(store, bad), 30, pipeline)
+    failed = store.get(bad)
+    assert failed.state == "failed" and failed.reason.startswith("encode:") and "a-file" in failed.reason
+    # Decode learns of the failure and stops feeding the job instead of decoding all 6 s of it.
+    assert wait(finished(store, good), 60, pipeline)
+    assert store.get(good).state == "succeeded", store.get(good).reason
+    assert pipeline.replicas[0].channels.ring.in_use() == {}
+
+
+def test_cancel_stops_a_running_job(pipeline, inputs, tmp_path):
+    store = pipeline.store
+    job = store.submit(str(inputs["long_audio"]), str(inputs["template"]), str(tmp_path / "c.mp4")).id
+    assert wait(lambda: store.get(job).progress >= 20, 30, pipeline)
+    assert store.cancel(job)
+    after = store.submit(str(inputs["audio"]), str(inputs["template"]), str(tmp_path / "after.mp4")).id
+    assert wait(finished(store, after), 60, pipeline)
+    assert store.get(job).state == "cancelled"
+    assert store.get(after).state == "succeeded", store.get(after).reason
+    assert not (tmp_path / "c.mp4").exists()
+
+
+def test_a_killed_stage_is_seen_and_its_job_requeued_on_restart(pipeline, inputs, tmp_path):
+    store = pipeline.store
+    job = store.submit(str(inputs["long_audio"]), str(inputs["template"]), str(tmp_path / "k.mp4")).id
+    assert wait(lambda: store.get(job).progress > 20, 30, pipeline)
+    replica = pipeline.replicas[0]
+    os.kill(replica.pids()["generate"], signal.SIGKILL)  # a process this test's pipeline started
+    assert wait(lambda: "generate" in replica.dead(), 10, pipeline)
+    assert replica.dead()["generate"] == -signal.SIGKILL
+    old_worker = replica.worker
+    assert pipeline.restart(0, grace_s=2) == [job]
+    assert replica.worker != old_worker
+    assert wait(finished(store, job), 90, pipeline)
+    done = store.get(job)
+    assert done.state == "succeeded" and done.attempts == 2, done.reason
+    assert frame_count(done.result) == round(6.0 * FPS)
+
+
+def test_stop_drains_a_running_job_within_the_grace(pipeline, inputs, tmp_path):
+    store = pipeline.store
+    job = store.submit(str(inputs["audio"]), str(inputs["template"]), str(tmp_path / "d.mp4")).id
+    assert wait(lambda: store.get(job).state == "running", 30, pipeline)
+    queued = store.submit(str(inputs["audio"]), str(inputs["template"]), str(tmp_path / "q.mp4")).id
+    pipeline.stop(grace_s=30)
+    assert store.get(job).state == "succeeded"
+    assert store.get(queued).state == "queued", "a drained pipeline takes no new job"
+
+
+def test_stop_requeues_what_the_grace_cannot_finish(pipeline, inputs, tmp_path):
+    store = pipeline.store
+    job = store.submit(str(inputs["long_audio"]), str(inputs["template"]), str(tmp_path / "r.mp4")).id
+    assert wait(lambda: store.get(job).progress > 20, 30, pipeline)
+    assert pipeline.stop(grace_s=0.2) == [job]
+    assert store.get(job).state == "queued"
+    assert not (tmp_path / "r.mp4").exists()
+
+
+def test_bad_model_is_refused_before_any_process_starts(inputs, tmp_path):
+    bogus = tmp_path / "gen.onnx"
+    bogus.write_text("not a model")
+    config = PipelineConfig.model_validate({"models": {"audio_encoder": str(inputs["models"] / "demo_audio_encoder.onnx"),
+                                                       "generator": str(bogus)}})
+    with pytest.raises(ValueError, match="gen.onnx"):
+        resolve_models(config, inputs["models"])
