@@ -1,0 +1,226 @@
+"""`heygem-ops install-service`: write the systemd unit that runs this installation's daemon.
+
+The shipped unit (systemd/heygem-ops.service) is a template: its ExecStart must name the
+heygem-ops of the environment the operator really installed, and a --user unit must leave out
+what a user manager cannot apply. This command renders it, writes one file, and prints the
+systemctl commands to run; it never runs systemctl itself, so the result can be reviewed first
+(--dry-run) and packagers can render into any directory (--unit-dir).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ops.context import PROBLEM, USAGE
+
+UNIT_NAME = "heygem-ops.service"
+TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / UNIT_NAME
+PLACEHOLDER = "@BINDIR@"
+SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
+
+# What a user manager (systemctl --user) cannot apply, and why. Each is dropped from --user
+# units with the comment lines that explain it, so the file does not promise what it cannot do.
+USER_DROPS = {
+    "a user manager cannot switch identity": ("DynamicUser", "User", "Group", "SupplementaryGroups"),
+    "attaching the cgroup device filter needs privileges": ("DevicePolicy", "DeviceAllow"),
+    "reducing the capability bounding set needs CAP_SETPCAP": ("CapabilityBoundingSet",),
+    # Depending on the systemd version these are silently ignored in user units, or they force
+    # PrivateUsers= and fail the start where unprivileged user namespaces are disabled; and
+    # ProtectHome= would hide a virtual environment that lives in the user's home.
+    "they need a mount or UTS namespace, which an unprivileged manager cannot create reliably": (
+        "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateMounts", "PrivateUsers",
+        "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
+        "ProtectClock", "ProtectHostname", "ProtectProc", "ProcSubset", "ReadWritePaths",
+    ),
+}
+# Characters systemd would interpret in an ExecStart path even inside quotes.
+_UNSAFE_PATH = re.compile(r'["\\$\x00-\x1f\x7f]')
+
+
+def unit_path(path: Path) -> str:
+    """`path` written for ExecStart=: quoted when it has blanks, '%' escaped from specifier expansion."""
+    text = str(path)
+    if not path.is_absolute() or _UNSAFE_PATH.search(text):
+        raise ValueError(f"cannot be written into a unit file (must be absolute, no quotes, backslashes, '$' or control characters): {text!r}")
+    text = text.replace("%", "%%")
+    return f'"{text}"' if re.search(r"\s", text) else text
+
+
+def _directive(line: str) -> Optional[str]:
+    """The key of a `Key=value` line; None for comments, section headers and blank lines."""
+    if "=" not in line or line.startswith(("#", ";", "[")):
+        return None
+    return line.split("=", 1)[0].strip()
+
+
+def _drop_directives(text: str, keys: set[str]) -> str:
+    """Remove `Key=` lines in `keys`, plus the comment block above them when nothing else is left.
+
+    A block is an optional blank line, a run of comments, and the directives that follow it.
+    """
+    blocks: list[list[str]] = []
+    for line in text.splitlines(keepends=True):
+        after_directive = bool(blocks) and _directive(blocks[-1][-1]) is not None
+        if not blocks or not line.strip() or (line.startswith("#") and after_directive):
+            blocks.append([])
+        blocks[-1].append(line)
+    out = []
+    for block in blocks:
+        kept = [line for line in block if _directive(line) not in keys]
+        if len(kept) < len(block) and not any(_directive(line) for line in kept):
+            continue
+        out.extend(kept)
+    return "".join(out)
+
+
+def render(template: str, bindir: Path, user: bool = False) -> str:
+    """The unit file for `bindir`/heygem-ops; for a user manager without what it cannot apply."""
+    exec_start = f"ExecStart={PLACEHOLDER}/heygem-ops "
+    if exec_start not in template:
+        raise ValueError(f"the unit template has no '{exec_start}' line")
+    text = template.replace(exec_start, f"ExecStart={unit_path(bindir / 'heygem-ops')} ")
+    if not user:
+        return text
+    present = {_directive(line) for line in text.splitlines()}
+    dropped = {why: [key for key in keys if key in present] for why, keys in USER_DROPS.items()}
+    notes = "".join(f"#   {', '.join(keys)}: {why}\n" for why, keys in dropped.items() if keys)
+    text = _drop_directives(text, {key for keys in dropped.values() for key in keys})
+    text = text.replace("WantedBy=multi-user.target", "WantedBy=default.target")
+    return f"# Rendered for a user manager (systemctl --user). Left out of this file:\n{notes}#\n{text}"
+
+
+def this_bindir() -> Optional[Path]:
+    """The bin directory of the heygem-ops that belongs to the running interpreter.
+
+    sys.executable's directory first (a virtual environment's bin, symlinks not resolved, so
+    the unit keeps running the venv's interpreter); PATH only when no script is installed there.
+    """
+    here = Path(sys.executable).parent
+    if os.access(here / "heygem-ops", os.X_OK):
+        return here
+    found = shutil.which("heygem-ops")
+    return Path(found).absolute().parent if found else None
+
+
+def _config_home() -> Path:
+    """$XDG_CONFIG_HOME: what a user manager's %E specifier expands to."""
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+
+
+def default_unit_dir(user: bool) -> Path:
+    return _config_home() / "systemd" / "user" if user else SYSTEM_UNIT_DIR
+
+
+def config_file(user: bool) -> Path:
+    """What the unit's `--config %E/heygem-ops/config.toml` resolves to for this manager."""
+    if user:
+        return _config_home() / "heygem-ops" / "config.toml"
+    from watchdog.config import SYSTEM_CONFIG
+
+    return SYSTEM_CONFIG
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` in one step (mode 0644), so systemd never reads a half-written unit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as tmp:
+        tmp.write(text)
+    try:
+        os.chmod(tmp.name, 0o644)
+        os.replace(tmp.name, path)
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
+
+
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+def _next_steps(target: Path, user: bool) -> list[str]:
+    systemctl = "systemctl --user" if user else "systemctl"
+    unit = "heygem-ops" if target.parent == default_unit_dir(user) else str(target)
+    steps = [f"{systemctl} daemon-reload", f"{systemctl} enable --now {unit}"]
+    if user:
+        steps.append(f"loginctl enable-linger {os.environ.get('USER', '$USER')}   # keep it running after you log out")
+    return steps
+
+
+@click.command("install-service")
+@click.option("--user", "user", is_flag=True, help="A unit for your own user manager (systemctl --user) instead of the system one.")
+@click.option("--prefix", type=click.Path(path_type=Path, file_okay=False), help="Installation prefix whose bin/heygem-ops the unit runs (default: the one running this command).")
+@click.option("--unit-dir", type=click.Path(path_type=Path, file_okay=False), help="Write here instead of /etc/systemd/system (or ~/.config/systemd/user with --user).")
+@click.option("--dry-run", is_flag=True, help="Print the rendered unit on stdout; write nothing.")
+@click.option("--force", is_flag=True, help="Replace an existing unit file that differs.")
+def install_service(user: bool, prefix: Optional[Path], unit_dir: Optional[Path], dry_run: bool, force: bool) -> None:
+    """Write the systemd unit that runs `heygem-ops daemon` from this installation.
+
+    Prints the systemctl commands to run next; never runs systemctl itself. Exit codes: 0 written
+    (or already identical), 1 refused because a different unit file is there (use --force) or the
+    write failed, 2 usage error (no heygem-ops executable found, unusable path).
+
+    \b
+    Examples:
+      sudo heygem-ops install-service              /etc/systemd/system/heygem-ops.service
+      heygem-ops install-service --user            ~/.config/systemd/user/heygem-ops.service
+      heygem-ops install-service --dry-run | less  review the unit first, write nothing
+    """
+    bindir = (prefix.absolute() / "bin") if prefix else this_bindir()
+    if bindir is None:
+        click.echo(f"error: no heygem-ops executable next to {sys.executable} or on PATH; pass --prefix", err=True)
+        raise click.exceptions.Exit(USAGE)
+    try:
+        text = render(TEMPLATE.read_text(encoding="utf-8"), bindir, user)
+    except OSError as err:
+        click.echo(f"error: cannot read the unit template {TEMPLATE}: {err.strerror}", err=True)
+        raise click.exceptions.Exit(USAGE) from None
+    except ValueError as err:
+        click.echo(f"error: {err}", err=True)
+        raise click.exceptions.Exit(USAGE) from None
+
+    executable = bindir / "heygem-ops"
+    if not os.access(executable, os.X_OK):
+        _warn(f"{executable} is not an executable file (yet); the service cannot start until it is")
+    if not user and any(executable.is_relative_to(p) for p in ("/home", "/root", "/run/user")):
+        _warn(f"{executable} is under a home directory, which the system unit hides (ProtectHome=yes) "
+              "from its dynamic user: install into e.g. /opt/heygem-ops, or use --user")
+    config = config_file(user)
+    if not config.exists():
+        _warn(f"{config} does not exist and the daemon exits 2 without it; create it (an empty file means built-in defaults)")
+
+    if dry_run:
+        click.echo(text, nl=False)
+        return
+
+    target = (unit_dir or default_unit_dir(user)) / UNIT_NAME
+    try:
+        current = target.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        current = None
+    except OSError as err:
+        click.echo(f"error: cannot read {target}: {err.strerror}", err=True)
+        raise click.exceptions.Exit(PROBLEM) from None
+    if current == text:
+        click.echo(f"{target} is already up to date")
+    elif current is not None and not force:
+        click.echo(f"error: {target} exists with different content; review it (--dry-run shows the new one), then use --force", err=True)
+        raise click.exceptions.Exit(PROBLEM)
+    else:
+        try:
+            write_atomically(target, text)
+        except OSError as err:
+            hint = " (run with sudo, or use --user)" if isinstance(err, PermissionError) and not user else ""
+            click.echo(f"error: cannot write {target}: {err.strerror}{hint}", err=True)
+            raise click.exceptions.Exit(PROBLEM) from None
+        click.echo(f"wrote {target}")
+    click.echo("next:")
+    for step in _next_steps(target, user):
+        click.echo(f"  {step}")
