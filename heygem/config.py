@@ -30,6 +30,7 @@ class PipelineConfig(Section):
     devices: Union[list[int], Literal["cpu"]] = Field(
         default="cpu", description='GPU indices, one replica each, or "cpu"'
     )
+    cpu_replicas: int = Field(default=1, ge=1, le=64, description='replicas when devices = "cpu"')
     fallback: Literal["fail", "warn"] = Field(
         default="fail", description="what a replica does when CUDA was asked for and is not active"
     )

@@ -58,7 +58,9 @@ class Pipeline:
 
     @property
     def devices(self) -> list:
-        return ["cpu"] if self.config.devices == "cpu" else list(self.config.devices)
+        if self.config.devices == "cpu":
+            return ["cpu"] * self.config.cpu_replicas
+        return list(self.config.devices)
 
     def start(self) -> None:
         """Check the models, create the board, spawn every replica."""
@@ -72,6 +74,7 @@ class Pipeline:
                 models=self.models, fallback=self.config.fallback, batch_size=self.config.batch_size,
                 lease_s=self.config.lease_s, max_width=self.config.max_width, max_height=self.config.max_height,
                 face_box=self.config.face_box, output_dir=str(self.output_dir),
+                threads=max(1, (os.cpu_count() or 1) // len(devices)) if device == "cpu" else None,
             )
             replica = Replica(index, base, self.config.ring_slots, log_json=self.log_json, log_level=self.log_level)
             replica.start()

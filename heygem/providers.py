@@ -149,6 +149,7 @@ def open_session(
     device: Union[int, str],
     fallback: str = "fail",
     threads: Optional[int] = None,
+    spinning: bool = True,
 ) -> tuple["onnxruntime.InferenceSession", SessionCheck]:
     """Build a session on GPU `device` (CUDA, then CPU) or on "cpu", and verify it.
 
@@ -156,6 +157,8 @@ def open_session(
     "warn" returns the session with check.fallback=True for the caller to report. ORT's log
     lines are kept in check.reason on a fallback; otherwise they go on to the real stderr, so
     capturing never hides anything. A file that is no model raises ModelError naming it.
+    `threads` caps the intra-op pool; `spinning=False` stops idle pool threads from busy-waiting,
+    which matters when several processes share the cores (a pipeline's stages).
     """
     import onnxruntime as ort
 
@@ -170,6 +173,8 @@ def open_session(
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     captured: list[str] = []
     try:
         with captured_stderr() as captured:

@@ -159,6 +159,14 @@ class Replica:
             q.close()
         ch.ring.close()
 
+    def queue_depths(self) -> dict[str, int]:
+        """Items waiting at the input of `generate` and `encode` right now (the parent owns the
+        queues, so this is exact, unlike a count a stage last wrote)."""
+        ch = self.channels
+        if ch is None:
+            return {}
+        return {"generate": ch.to_generate.qsize(), "encode": ch.to_encode.qsize()}
+
     def status(self) -> dict:
         return {
             "index": self.index,
@@ -169,6 +177,8 @@ class Replica:
             "pids": self.pids(),
             "dead": self.dead(),
             "sessions": self.state.sessions,
+            "queues": self.queue_depths(),
+            "queue_capacity": QUEUE_SLOTS,
             "fatal": self.state.fatal,
             "started_at": self.state.started_at,
         }

@@ -61,6 +61,7 @@ class StageSpec:
     max_height: int
     face_box: Optional[tuple]
     output_dir: str
+    threads: Optional[int] = None  # the generator's intra-op threads (CPU replicas share the cores)
 
 
 class JobStart(NamedTuple):
@@ -221,11 +222,13 @@ class Stage:
     def release(self, msg: FrameMsg) -> None:
         self.ch.ring.release(msg.ref.slot)
 
-    def open(self, role: str):
-        """A verified session for `role`, reported to the supervisor."""
+    def open(self, role: str, threads: Optional[int] = 1):
+        """A verified session for `role`, reported to the supervisor. Stage processes share the
+        cores, so pools do not spin, and only the generator (the heavy model) gets more threads."""
         from heygem.providers import open_session
 
-        session, check = open_session(self.spec.models[role], self.spec.device, fallback=self.spec.fallback)
+        session, check = open_session(self.spec.models[role], self.spec.device, fallback=self.spec.fallback,
+                                      threads=threads, spinning=False)
         self.event("session", {"role": role, **check.to_dict()})
         if check.fallback:
             self.log.warning("cpu_fallback", role=role, **check.to_dict())
@@ -372,7 +375,7 @@ class Generate(Stage):
     name = "generate"
 
     def setup(self) -> None:
-        self.session = self.open("generator")
+        self.session = self.open("generator", threads=self.spec.threads)
         self.jobs: dict[int, JobStart] = {}
 
     def loop(self) -> None:
