@@ -15,7 +15,7 @@ from typing import Optional
 
 from heygem.jobs import JobError, JobStore
 from heygem.ring import FrameRing
-from heygem.stages import EXIT_FALLBACK, STAGES, Aborts, Channels, StageSpec, main, slot_bytes
+from heygem.stages import EXIT_FALLBACK, STAGES, Aborts, Channels, Flag, StageSpec, main, slot_bytes
 
 QUEUE_SLOTS = 4  # descriptors between stages; the ring's slots are the real bound
 EVENTS_PER_POLL = 256
@@ -68,8 +68,8 @@ class Replica:
             to_generate=ctx.Queue(QUEUE_SLOTS),
             to_encode=ctx.Queue(QUEUE_SLOTS),
             events=ctx.Queue(EVENTS_PER_POLL),
-            stop=ctx.Event(),
-            drain=ctx.Event(),
+            stop=Flag(ctx),
+            drain=Flag(ctx),
             aborts=Aborts(ctx),
         )
         spec = replace(self.base, worker=self.worker)

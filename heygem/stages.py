@@ -136,6 +136,34 @@ class Aborts:
         return job in self._ids[: self.SIZE]
 
 
+class Flag:
+    """A process-shared boolean that can never wedge its setter.
+
+    `multiprocessing.Event` is built on a Condition: `set()` waits, without a timeout, for each
+    sleeping waiter to wake, so a stage killed inside `Event.wait()` makes the supervisor's
+    `stop.set()` hang forever, and one killed inside `is_set()` leaves its lock taken. One
+    shared byte, written and read without a lock, has neither failure; `wait` polls it.
+    """
+
+    def __init__(self, ctx):
+        self._value = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(POLL_S / 2, left))
+        return True
+
+
 class Channels(NamedTuple):
     """The replica's shared plumbing, handed to each stage process at spawn."""
 
@@ -143,8 +171,8 @@ class Channels(NamedTuple):
     to_generate: object  # multiprocessing queue
     to_encode: object
     events: object  # stage -> supervisor: ("session" | "ready" | "fatal" | "job", stage, payload)
-    stop: object  # Event: leave the loop now
-    drain: object  # Event: take no new job, finish the current one
+    stop: Flag  # leave the loop now
+    drain: Flag  # take no new job, finish the current one
     aborts: Aborts
 
 

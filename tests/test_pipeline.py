@@ -193,3 +193,16 @@ def test_bad_model_is_refused_before_any_process_starts(inputs, tmp_path):
                                                        "generator": str(bogus)}})
     with pytest.raises(ValueError, match="gen.onnx"):
         resolve_models(config, inputs["models"])
+
+
+def test_a_stage_killed_while_waiting_does_not_wedge_the_restart(pipeline):
+    """multiprocessing.Event.set() blocks forever on a waiter that died inside wait(); the
+    stop flag must not: an idle decode stage sits in exactly that wait."""
+    replica = pipeline.replicas[0]
+    time.sleep(0.5)  # idle: decode polls for jobs, waiting on the stop flag between polls
+    os.kill(replica.pids()["decode"], signal.SIGKILL)
+    assert wait(lambda: "decode" in replica.dead(), 10, pipeline)
+    began = time.monotonic()
+    pipeline.restart(0, grace_s=2)
+    assert time.monotonic() - began < 15
+    assert wait(pipeline.ready, 60, pipeline)
