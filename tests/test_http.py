@@ -1,0 +1,297 @@
+"""The daemon's HTTP server over real sockets: upstream's job API as its clients use it, probes, errors."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from heygem.jobs import JobStore
+from watchdog.http import MAX_BODY, ApiServer, BindError
+from watchdog.metrics import Metrics
+
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy for 127.0.0.1
+
+
+class World:
+    """The daemon's side of the server: callables the test flips, a real store, real metrics."""
+
+    def __init__(self, tmp_path: Path):
+        self.data = tmp_path / "data"
+        self.data.mkdir()
+        self.outputs = tmp_path / "outputs"
+        self.audio = self.data / "speech.wav"
+        self.video = self.data / "face.mp4"
+        self.audio.write_bytes(b"RIFF")
+        self.video.write_bytes(b"\x00\x00\x00\x18ftypmp42")
+        self.store = JobStore(tmp_path / "jobs.sqlite3")
+        self.metrics = Metrics(version="test", mode="embedded")
+        self.healthy, self.ready, self.accepting = True, True, True
+        self.fail_with: Exception | None = None
+        self.api = ApiServer(
+            "127.0.0.1", 0, self.store, self.metrics.render, self.health, self.readiness, self.is_accepting,
+            self.data, self.outputs,
+        )
+
+    def health(self) -> dict:
+        if self.fail_with:
+            raise self.fail_with
+        return {"healthy": self.healthy, "ticks": 7}
+
+    def readiness(self) -> tuple[bool, dict]:
+        return self.ready, {} if self.ready else {"replica-0": "starting or restarting"}
+
+    def is_accepting(self) -> bool:
+        if self.fail_with:
+            raise self.fail_with
+        return self.accepting
+
+    def call(self, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, object, dict]:
+        """(HTTP status, JSON body or raw bytes, headers) of one request."""
+        req = urllib.request.Request(self.api.url + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with OPENER.open(req, timeout=10) as resp:
+                status, raw, headers = resp.status, resp.read(), dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            status, raw, headers = err.code, err.read(), dict(err.headers)
+        if headers.get("Content-Type", "").startswith("application/json"):
+            return status, json.loads(raw), headers
+        return status, raw, headers
+
+    def submit(self, **fields) -> dict:
+        status, body, _ = self.call("/easy/submit", "POST", json.dumps(fields).encode())
+        assert status == 200
+        return body
+
+    def query(self, code: str) -> dict:
+        status, body, _ = self.call(f"/easy/query?code={code}")
+        assert status == 200
+        return body
+
+
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+    w.api.start()
+    yield w
+    w.api.stop(timeout=5)
+
+
+def bad(msg: str) -> dict:
+    return {"code": 10002, "success": False, "msg": msg, "data": {}}
+
+
+def test_submit_then_poll_like_the_official_client(world):
+    reply = world.submit(audio_url=str(world.audio), video_url=str(world.video), code="a1b2-c3",
+                         chaofen=0, watermark_switch=0, digital_auth=0, pn=1)
+    assert reply == {"code": 10000, "success": True, "msg": "success", "data": {"code": "a1b2-c3"}}
+    job = world.store.by_code("a1b2-c3")  # committed before the answer, visible to another connection
+    assert (job.state, job.audio, job.video) == ("queued", str(world.audio), str(world.video))
+    assert job.output == str(world.outputs / "a1b2-c3-r.mp4")
+
+    seen: list[dict] = []
+    done = threading.Event()
+
+    def client():  # the desktop client's loop, 10x faster
+        while not done.is_set():
+            data = world.query("a1b2-c3")["data"]
+            seen.append(data)
+            if data["status"] != 1:
+                return
+            done.wait(0.2)
+
+    def wait_seen(progress: int) -> None:
+        deadline = time.monotonic() + 10
+        while not any(d["progress"] == progress for d in seen):
+            assert time.monotonic() < deadline, f"the client never saw progress {progress}: {seen}"
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=client)
+    poller.start()
+    try:
+        wait_seen(0)
+        job = world.store.claim("replica-0", lease_s=30)
+        for pct, stage in ((10, "normalised"), (20, "features"), (55, "generate"), (90, "generated")):
+            world.store.progress(job.id, "replica-0", pct, stage)
+            wait_seen(pct)
+        world.store.succeed(job.id, "replica-0", job.output)
+        poller.join(10)
+    finally:
+        done.set()
+    assert not poller.is_alive()
+
+    statuses = [d["status"] for d in seen]
+    assert statuses == sorted(statuses) and (statuses[0], statuses[-1]) == (1, 2)  # 1 ... 1, 2: never 3
+    progress = [d["progress"] for d in seen]
+    assert progress == sorted(progress) and progress[0] == 0 and progress[-1] == 100
+    assert {10, 20, 55, 90} <= set(progress)
+    assert seen[-1] == {"code": "a1b2-c3", "status": 2, "progress": 100, "result": job.output, "msg": "done"}
+    assert world.query("a1b2-c3")["data"]["status"] == 2  # asked again: still there (upstream forgot it)
+
+
+def test_queued_and_requeued_jobs_report_running_at_zero(world):
+    world.submit(audio_url="speech.wav", video_url=f"file://{world.video}", code="q")  # relative; file URL
+    assert world.store.by_code("q").audio == str(world.audio)
+    assert world.query("q")["data"] == {"code": "q", "status": 1, "progress": 0, "result": "", "msg": "queued"}
+    job = world.store.claim("replica-0", lease_s=30)
+    world.store.progress(job.id, "replica-0", 20, "features")
+    world.store.requeue(job.id, "worker died")
+    assert world.query("q")["data"]["status"] == 1
+    assert world.query("q")["data"]["progress"] == 0
+
+
+def test_failed_and_cancelled_jobs_report_error_with_the_reason(world):
+    for code in ("f", "c"):
+        world.submit(audio_url=str(world.audio), video_url=str(world.video), code=code)
+    job = world.store.claim("replica-0", lease_s=30)
+    world.store.progress(job.id, "replica-0", 20, "features")
+    world.store.fail(job.id, "replica-0", "face: no face in the first 100 frames")
+    world.store.cancel(world.store.by_code("c").id)
+
+    assert world.query("f") == {
+        "code": 10000, "success": True, "msg": "",
+        "data": {"code": "f", "status": 3, "progress": 20, "result": "", "msg": "face: no face in the first 100 frames"},
+    }
+    assert world.query("c")["data"]["status"] == 3
+    assert world.query("c")["data"]["msg"] == "cancelled"
+
+
+def test_bad_submits_are_refused_naming_the_problem(world):
+    a, v = str(world.audio), str(world.video)
+    assert world.submit(video_url=v, code="x") == bad("audio_url is missing")
+    assert world.submit(audio_url=a, video_url="", code="x") == bad("video_url is missing")
+    assert world.submit(audio_url=a, video_url=v) == bad("code is missing")
+    assert world.submit(audio_url=a, video_url=v, code=7) == bad("code must be a string, got int")
+    missing = world.data / "nope.wav"
+    assert world.submit(audio_url=str(missing), video_url=v, code="x") == bad(f"audio_url: no such file {missing}")
+    assert world.submit(audio_url=a, video_url="http://cdn.example/face.mp4", code="x") == bad(
+        "video_url: http://cdn.example/face.mp4 is an http URL, but this deployment does not fetch from the"
+        " network; pass a local path or a file:// URL"
+    )
+    assert world.submit(audio_url="ftp://h/a.wav", video_url=v, code="x") == bad(
+        "audio_url: unsupported URL scheme 'ftp'; pass a local path or a file:// URL"
+    )
+    assert world.submit(audio_url=f"file://otherhost{a}", video_url=v, code="x") == bad(
+        f"audio_url: file://otherhost{a} names host 'otherhost'; only local files can be read"
+    )
+    assert world.submit(audio_url=a, video_url=v, code="../etc") == bad(
+        "code '../etc' must be 1 to 128 letters, digits, '_', '-' or '.', not starting with '.' (it names the output file)"
+    )
+    assert world.store.counts()["queued"] == 0
+
+    assert world.submit(audio_url=a, video_url=v, code="dup")["code"] == 10000
+    assert world.submit(audio_url=a, video_url=v, code="dup") == bad(
+        "code dup is taken: a code is a task's id and cannot be reused"
+    )
+
+    status, body, _ = world.call("/easy/submit", "POST", b"{not json")
+    assert (status, body) == (200, bad("the body is not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"))
+    status, body, _ = world.call("/easy/submit", "POST", b"[1, 2]")
+    assert (status, body) == (200, bad("the body must be a JSON object"))
+
+
+def test_query_errors(world):
+    assert world.query("nope") == {"code": 10004, "success": True, "msg": "task nope not found", "data": {}}
+    status, body, _ = world.call("/easy/query")
+    assert (status, body) == (200, bad("code is missing"))
+
+
+def test_oversize_body_is_refused_unread(world):
+    conn = http.client.HTTPConnection("127.0.0.1", world.api.port, timeout=10)
+    try:
+        conn.putrequest("POST", "/easy/submit")
+        conn.putheader("Content-Length", str(MAX_BODY + 1))
+        conn.endheaders()  # the server must answer from the header alone
+        resp = conn.getresponse()
+        assert resp.status == 413
+        assert json.loads(resp.read()) == {
+            "code": 10002, "success": False, "data": {},
+            "msg": f"the body is {MAX_BODY + 1} bytes; the limit is {MAX_BODY}",
+        }
+    finally:
+        conn.close()
+
+
+def test_unknown_routes_and_methods(world):
+    status, body, _ = world.call("/nope")
+    assert (status, body) == (404, {"error": "no route /nope; routes: /healthz, /readyz, /metrics, /easy/query, /easy/submit"})
+    status, body, headers = world.call("/easy/submit")
+    assert (status, body["msg"], headers["Allow"]) == (405, "/easy/submit takes POST only", "POST")
+    status, body, headers = world.call("/metrics", "DELETE")
+    assert (status, body, headers["Allow"]) == (405, {"error": "method DELETE is not allowed; GET or POST"}, "GET, POST")
+
+
+def test_busy_while_draining(world):
+    world.accepting = False
+    assert world.submit(audio_url=str(world.audio), video_url=str(world.video), code="late") == {
+        "code": 10001, "success": False, "data": {},
+        "msg": "busy: the service is stopping and takes no new tasks; submit again later",
+    }
+    assert world.store.by_code("late") is None
+
+
+def test_handler_errors_are_json_never_tracebacks(world):
+    world.fail_with = RuntimeError("boom")
+    status, body, _ = world.call("/healthz")
+    assert (status, body) == (500, {"error": "internal error: RuntimeError: boom"})
+    assert world.submit(audio_url="a", video_url="v", code="x") == {  # upstream's clients read code 9999
+        "code": 9999, "success": False, "msg": "system error: RuntimeError: boom", "data": {},
+    }
+    world.fail_with = None
+    assert world.call("/healthz")[0] == 200  # the server lives on
+
+
+def test_metrics_parse_as_prometheus_text(world):
+    world.submit(audio_url=str(world.audio), video_url=str(world.video), code="m")
+    world.metrics.update_from(jobs=world.store.counts(), zombies=3)
+    status, raw, headers = world.call("/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(raw.decode())
+        for s in family.samples
+    }
+    assert samples[("heygem_jobs", (("state", "queued"),))] == 1
+    assert samples[("heygem_zombie_processes", ())] == 3
+
+
+def test_health_and_readiness_follow_the_daemon(world):
+    assert world.call("/healthz")[:2] == (200, {"healthy": True, "ticks": 7, "status": "ok"})
+    assert world.call("/readyz")[:2] == (200, {"status": "ready", "reasons": {}})
+    world.healthy, world.ready = False, False
+    assert world.call("/healthz")[:2] == (503, {"healthy": False, "ticks": 7, "status": "unhealthy"})
+    assert world.call("/readyz")[:2] == (503, {"status": "not ready", "reasons": {"replica-0": "starting or restarting"}})
+
+
+def test_start_on_a_port_in_use_names_it(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        w = World(tmp_path)
+        w.api.port = port
+        with pytest.raises(BindError, match=rf"cannot serve HTTP on 127\.0\.0\.1:{port}: Address already in use"):
+            w.api.start()
+
+
+def test_stop_is_bounded_and_closes_the_port(world):
+    idle = socket.create_connection(("127.0.0.1", world.api.port), timeout=10)  # holds a handler thread
+    try:
+        assert world.call("/healthz")[0] == 200
+        port, started = world.api.port, time.monotonic()
+        assert world.api.stop(timeout=2) is True
+        assert time.monotonic() - started < 5  # the idle client would hold it 10 s if it were waited for
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        idle.close()
