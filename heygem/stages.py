@@ -253,10 +253,14 @@ class Stage:
     def open(self, role: str, threads: Optional[int] = 1):
         """A verified session for `role`, reported to the supervisor. Stage processes share the
         cores, so pools do not spin, and only the generator (the heavy model) gets more threads."""
-        from heygem.providers import open_session
+        from heygem.providers import ProviderFallback, open_session
 
-        session, check = open_session(self.spec.models[role], self.spec.device, fallback=self.spec.fallback,
-                                      threads=threads, spinning=False)
+        try:
+            session, check = open_session(self.spec.models[role], self.spec.device, fallback=self.spec.fallback,
+                                          threads=threads, spinning=False)
+        except ProviderFallback as err:  # report what the session really ran on, then refuse
+            self.event("session", {"role": role, **err.check.to_dict()})
+            raise
         self.event("session", {"role": role, **check.to_dict()})
         if check.fallback:
             self.log.warning("cpu_fallback", role=role, **check.to_dict())

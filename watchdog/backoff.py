@@ -48,6 +48,11 @@ class RestartPolicy:
     def from_config(cls, actions: "ActionsConfig") -> "RestartPolicy":
         return cls(actions.backoff_initial_s, actions.backoff_max_s, actions.crash_loop_restarts, actions.crash_loop_window_s)
 
+    @property
+    def running(self) -> bool:
+        """Started and not yet recorded as exited."""
+        return self._started_at is not None
+
     def record_start(self, now: float) -> None:
         if self._started_at is not None or self._exited_at is not None:
             self.restarts += 1
