@@ -12,10 +12,16 @@ from ops.context import Env
 
 # name -> "module:attribute"; a command's module is imported only when that command runs.
 COMMANDS = {
+    "cancel": "ops.jobs:cancel",
+    "clean": "ops.clean:clean",
+    "daemon": "ops.daemon:daemon",
     "demo": "ops.demo:demo",
     "doctor": "ops.doctor:doctor",
     "gpu": "ops.gpu:gpu",
     "install-service": "ops.install_service:install_service",
+    "jobs": "ops.jobs:jobs",
+    "logs": "ops.logs:logs",
+    "submit": "ops.jobs:submit",
     "zombies": "ops.zombies:zombies",
 }
 

@@ -56,3 +56,14 @@ def console():
     from rich.console import Console
 
     return Console(highlight=False)
+
+
+def age(seconds: float | None) -> str:
+    """Two largest units, e.g. 3d 4h, 5m 12s: enough to tell "just started" from "up for weeks"."""
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    parts = [(s // 86400, "d"), (s // 3600 % 24, "h"), (s // 60 % 60, "m"), (s % 60, "s")]
+    while len(parts) > 2 and parts[0][0] == 0:
+        parts.pop(0)
+    return " ".join(f"{n}{unit}" for n, unit in parts[:2])

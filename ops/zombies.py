@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from ops.context import OK, PROBLEM, USAGE, console, emit_json
+from ops.context import OK, PROBLEM, USAGE, age, console, emit_json
 
 
 @click.command()
@@ -57,17 +57,6 @@ def _group_json(group) -> dict:
     }
 
 
-def _age(seconds: float | None) -> str:
-    """Two largest units, e.g. 3d 4h, 5m 12s: enough to tell "just started" from "up for weeks"."""
-    if seconds is None:
-        return "?"
-    s = int(seconds)
-    parts = [(s // 86400, "d"), (s // 3600 % 24, "h"), (s // 60 % 60, "m"), (s % 60, "s")]
-    while len(parts) > 2 and parts[0][0] == 0:
-        parts.pop(0)
-    return " ".join(f"{n}{unit}" for n, unit in parts[:2])
-
-
 def _members(zs, shown: int = 3) -> str:
     """The first few zombies; a parent with 41 of them would otherwise fill the screen."""
     text = "\n".join(f"{z.pid} ({z.name})" for z in zs[:shown])
@@ -88,6 +77,6 @@ def _print_table(groups, total: int, root: int | None) -> None:
     table.add_column("parent command", overflow="fold", ratio=1)
     for g in groups:
         first = g.zombies[0]
-        table.add_row(str(g.ppid), first.parent_user or "?", _age(g.parent_age_s), str(len(g.zombies)), _members(g.zombies), g.parent_cmdline or first.parent_name or "?")
+        table.add_row(str(g.ppid), first.parent_user or "?", age(g.parent_age_s), str(len(g.zombies)), _members(g.zombies), g.parent_cmdline or first.parent_name or "?")
     out.print(table)
     out.print("Only a parent can reap its zombies: make it reap, or restart it (`heygem-ops clean --dry-run` shows how).")
