@@ -187,12 +187,18 @@ class Stage:
         self.board = Board.attach(spec.board_name)
         self.row = self.board.row(spec.replica, self.name)
         self.store = spec.store
+        self.parent = os.getppid()
         self._renewed = 0.0
         self._checked = 0.0
 
     # -- loop helpers -------------------------------------------------------------------------
     def stopping(self) -> bool:
+        """Beat, and say whether to leave the loop: told to stop, or orphaned. A supervisor that
+        was SIGKILLed cannot set the flag; a stage that outlived it would go on claiming jobs
+        and holding the GPU, so a new parent (re-parenting) means stop."""
         self.row.beat()
+        if os.getppid() != self.parent:
+            self.ch.stop.set()
         return self.ch.stop.is_set()
 
     def gone(self, job: int) -> bool:

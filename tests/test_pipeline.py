@@ -206,3 +206,40 @@ def test_a_stage_killed_while_waiting_does_not_wedge_the_restart(pipeline):
     pipeline.restart(0, grace_s=2)
     assert time.monotonic() - began < 15
     assert wait(pipeline.ready, 60, pipeline)
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+from pathlib import Path
+from heygem.config import PipelineConfig
+from heygem.jobs import JobStore
+from heygem.pipeline import Pipeline
+
+if __name__ == "__main__":
+    p = Pipeline(PipelineConfig(), JobStore(sys.argv[1]), models_dir=Path(sys.argv[2]), output_dir=Path(sys.argv[3]))
+    p.start()
+    while not p.ready():
+        p.poll()
+        time.sleep(0.05)
+    print(" ".join(str(pid) for pid in p.replicas[0].pids().values()), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_stages_exit_when_their_supervisor_is_killed(inputs, tmp_path):
+    """A SIGKILLed daemon cannot stop its stages; they must notice and leave by themselves."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "supervisor.py"
+    script.write_text(ORPHAN_SCRIPT)
+    sup = subprocess.Popen([sys.executable, str(script), str(tmp_path / "j.sqlite3"), str(inputs["models"]), str(tmp_path / "o")],
+                           stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        line = sup.stdout.readline()
+        stages = [int(p) for p in line.split()]
+        assert len(stages) == 3, line
+    finally:
+        sup.kill()  # the supervisor this test started
+        sup.wait(timeout=10)
+    assert wait(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in stages), 15)
