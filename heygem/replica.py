@@ -8,6 +8,7 @@ a new worker name, so a presumed-dead incarnation can never complete a job hande
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import time
 from dataclasses import dataclass, field, replace
@@ -62,7 +63,7 @@ class Replica:
         self.generation += 1
         ctx = self.ctx
         ring = FrameRing.create(self.ring_slots, (slot_bytes(self.base.max_width, self.base.max_height),), ctx=ctx,
-                                name=f"heygem_r{self.index}_{self.generation}_{id(self) & 0xffff:x}")
+                                name=f"heygem_ring_{os.getpid()}_r{self.index}_g{self.generation}")
         self.channels = Channels(
             ring=ring,
             to_generate=ctx.Queue(QUEUE_SLOTS),

@@ -34,7 +34,8 @@ def inputs(tmp_path_factory):
 
 
 def shm_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("heygem_")}
+    """Segments this test process created (board and ring names carry the creator's pid)."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith("heygem_") and f"_{os.getpid()}" in n}
 
 
 @pytest.fixture
