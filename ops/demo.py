@@ -122,6 +122,11 @@ def _preview(jobs, path: Path):
     return path
 
 
+def _short(providers) -> str:
+    """CUDAExecutionProvider -> CUDA: the table stays readable in 80 columns."""
+    return ", ".join(p.removesuffix("ExecutionProvider") for p in providers)
+
+
 def _render(result: dict) -> None:
     from rich.table import Table
 
@@ -134,8 +139,8 @@ def _render(result: dict) -> None:
     for r in result["replicas"]:
         for role, s in sorted(r["sessions"].items()):
             colour = "red" if s["fallback"] else "green"
-            replicas.add_row(str(r["index"]), str(r["device"]), role, ", ".join(s["requested"]),
-                             f"[{colour}]{', '.join(s['active'])}[/{colour}]")
+            replicas.add_row(str(r["index"]), str(r["device"]), role, _short(s["requested"]),
+                             f"[{colour}]{_short(s['active'])}[/{colour}]")
     out.print(replicas)
     table = Table(title="Jobs", title_justify="left")
     for col in ("job", "state", "attempts", "seconds", "output / reason"):
