@@ -21,6 +21,11 @@ COMMANDS = {
     "install-service": "ops.install_service:install_service",
     "jobs": "ops.jobs:jobs",
     "logs": "ops.logs:logs",
+    "monitor": "ops.monitor:monitor",
+    "restart": "ops.lifecycle:restart",
+    "start": "ops.lifecycle:start",
+    "status": "ops.lifecycle:status",
+    "stop": "ops.lifecycle:stop",
     "submit": "ops.jobs:submit",
     "zombies": "ops.zombies:zombies",
 }

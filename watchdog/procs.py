@@ -225,7 +225,7 @@ def send(ref: ProcRef, sig: int) -> bool:
             os.close(pidfd)
 
 
-def _wait_exit(refs: list[ProcRef], timeout_s: float) -> list[ProcRef]:
+def wait_exit(refs: list[ProcRef], timeout_s: float) -> list[ProcRef]:
     """Wait up to timeout_s for the processes to exit; return those still running.
 
     A zombie has exited: only its parent can reap it, so it is not waited for (psutil's wait on
@@ -269,8 +269,8 @@ def terminate(refs: Iterable[ProcRef], grace_s: float, kill_wait_s: float = 5.0)
     refs = list(refs)
     signalled = [ref for ref in refs if send(ref, signal.SIGTERM)]
     gone = [ref for ref in refs if ref not in signalled]
-    stubborn = _wait_exit(signalled, grace_s)
+    stubborn = wait_exit(signalled, grace_s)
     killed = [ref for ref in stubborn if send(ref, signal.SIGKILL)]
     terminated = [ref for ref in signalled if ref not in killed]
-    alive = _wait_exit(killed, kill_wait_s)
+    alive = wait_exit(killed, kill_wait_s)
     return {"terminated": terminated, "killed": killed, "gone": gone, "alive": alive}
