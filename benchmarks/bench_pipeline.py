@@ -1,11 +1,13 @@
 """Pipeline throughput, side by side in one run, on the demo models (CPU):
 
-    generator alone     the bottleneck stage by itself on the same crops (batches of 4)
+    each stage alone    decode (read, detect, crop), generate (batches of 4), encode (paste,
+                        write), each by itself in one process: the slowest is the bottleneck
     sequential loop     every stage in one process, frame after frame (no overlap)
     pipeline, 1 replica decode -> generate -> encode processes, frames in shared memory
     pipeline, 2 replicas
 
-fps counts output frames from the first job's claim to the last job's end (start-up excluded,
+The pipeline's target is the bottleneck's own fps (ratio >= 0.9): stages overlap, so it can
+go no faster than its slowest stage, and should lose little to the plumbing. fps counts output frames from the first job's claim to the last job's end (start-up excluded,
 reported apart). Peak memory: the largest summed RSS of one replica's three stage processes.
 
     .venv/bin/python benchmarks/bench_pipeline.py [--jobs 4] [--seconds 4] [--size 640x360]
@@ -60,18 +62,34 @@ def sequential(models: dict, audio_path: Path, template: Path, out: Path, batch:
     return len(frames), time.perf_counter() - began
 
 
-def generator_alone(models: dict, template: Path, n: int, batch: int) -> float:
-    generator, _ = open_session(str(models["generator"]), "cpu")
-    detector, _ = open_session(str(models["detector"]), "cpu")
-    frame = next(iter(video.read_frames(template, [0])))
-    crop, _ = face.crop(frame, face.detect(detector, frame))
+def stages_alone(models: dict, template: Path, n: int, batch: int) -> dict[str, float]:
+    """Seconds for `n` frames of each stage's own work, one stage at a time, in this process."""
+    generator, _ = open_session(str(models["generator"]), "cpu", threads=1, spinning=False)
+    detector, _ = open_session(str(models["detector"]), "cpu", threads=1, spinning=False)
+    info = video.probe(template)
+    plan = audio.frame_plan(n / info.fps, info.frames, info.fps)
+    times = {}
+    began = time.perf_counter()
+    crops = []
+    for frame in video.read_frames(template, plan):
+        crops.append(face.crop(frame, face.detect(detector, frame)))
+    times["decode"] = time.perf_counter() - began
+    crop = crops[0][0]
     masked = face.to_nchw(np.stack([face.mask(crop)] * batch))
     reference = face.to_nchw(np.stack([crop] * batch))
     feats = np.random.default_rng(0).standard_normal((batch, 256, 20)).astype(np.float32)
     began = time.perf_counter()
     for _ in range(0, n, batch):
-        infer(generator, "generator", {"masked": masked, "reference": reference, "audio": feats})
-    return time.perf_counter() - began
+        out = infer(generator, "generator", {"masked": masked, "reference": reference, "audio": feats})
+        face.from_nchw(out)
+    times["generate"] = time.perf_counter() - began
+    frames = [f.copy() for f in video.read_frames(template, plan)]
+    began = time.perf_counter()
+    with video.VideoWriter(template.with_name("encode-alone.mp4"), info.fps, (info.width, info.height)) as writer:
+        for frame, (c, place) in zip(frames, crops):
+            writer.write(face.paste(frame, c, place))
+    times["encode"] = time.perf_counter() - began
+    return times
 
 
 def pipeline_run(models_dir: Path, work: Path, jobs: list[tuple[Path, Path]], replicas: int) -> dict:
@@ -136,18 +154,21 @@ def main() -> None:
         for _ in range(args.jobs):
             n, t = sequential(models, speech, template, work / "seq.mp4", 4)
             n_seq, t_seq = n_seq + n, t_seq + t
-        t_gen = generator_alone(models, template, n_seq, 4)
+        alone = stages_alone(models, template, n_seq, 4)
         one = pipeline_run(work / "models", work, jobs, 1)
         two = pipeline_run(work / "models", work, jobs, 2)
-        fps_gen, fps_seq = n_seq / t_gen, n_seq / t_seq
-        rows.append(("generator stage alone", fps_gen, "", ""))
+        stage_fps = {stage: n_seq / t for stage, t in alone.items()}
+        bottleneck = min(stage_fps, key=stage_fps.get)
+        fps_neck, fps_seq = stage_fps[bottleneck], n_seq / t_seq
+        for stage, fps in stage_fps.items():
+            rows.append((f"{stage} stage alone" + (" (bottleneck)" if stage == bottleneck else ""), fps, "", ""))
         rows.append(("sequential loop, 1 process", fps_seq, "", ""))
         for name, r in (("pipeline, 1 replica", one), ("pipeline, 2 replicas", two)):
             rows.append((name, r["frames"] / r["wall"], f"{r['startup']:.1f}", f"{r['peak_rss_mib']:.0f}"))
         print(f"{args.jobs} jobs x {args.seconds:g} s speech at {width}x{height}, {n_seq} frames each way, CPU, demo models")
-        print(f"{'run':<28} {'fps':>7} {'vs generator':>13} {'vs sequential':>14} {'startup s':>10} {'peak RSS MiB/replica':>21}")
+        print(f"{'run':<32} {'fps':>7} {'vs bottleneck':>14} {'vs sequential':>14} {'startup s':>10} {'peak RSS MiB/replica':>21}")
         for name, fps, startup, rss in rows:
-            print(f"{name:<28} {fps:7.1f} {fps / fps_gen:12.2f}x {fps / fps_seq:13.2f}x {startup:>10} {rss:>21}")
+            print(f"{name:<32} {fps:7.1f} {fps / fps_neck:13.2f}x {fps / fps_seq:13.2f}x {startup:>10} {rss:>21}")
         print(f"scaling 1 -> 2 replicas: {(two['frames'] / two['wall']) / (one['frames'] / one['wall']):.2f}x; "
               f"job states: {one['states'] | two['states']}")
 
