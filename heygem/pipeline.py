@@ -29,6 +29,7 @@ def resolve_models(config: PipelineConfig, models_dir: Path) -> dict[str, str]:
     """Model path per role: the configured ones, checked against their contract; the demo
     models (built on first use) for any role left unset. Raises ModelError naming the file."""
     from heygem.models import build_demo_models, check_model
+    from heygem.providers import ModelError
 
     configured = config.models.model_dump()
     if all(configured[r] for r in ("audio_encoder", "generator")):
@@ -39,7 +40,10 @@ def resolve_models(config: PipelineConfig, models_dir: Path) -> dict[str, str]:
         if config.face_box is not None and not configured.get("detector"):
             paths.pop("detector", None)  # a configured fixed box replaces the demo detector
     for role, path in paths.items():
-        check_model(path, role)
+        try:
+            check_model(path, role)
+        except ModelError as err:  # name the config key, so the operator knows what to edit
+            raise ModelError(f"[pipeline.models] {role}: {err}" if configured.get(role) else str(err)) from None
     return {role: str(p) for role, p in paths.items()}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import sqlite3
 import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -73,7 +74,7 @@ class Replica:
             drain=Flag(ctx),
             aborts=Aborts(ctx),
         )
-        spec = replace(self.base, worker=self.worker)
+        spec = replace(self.base, worker=self.worker, supervisor=os.getpid())
         self.state = ReplicaState(started_at=time.time())
         for stage in STAGES:
             proc = ctx.Process(target=main, args=(stage, spec, self.channels, self.log_json, self.log_level),
@@ -149,6 +150,8 @@ class Replica:
                 out.append(job.id)
             except JobError:
                 pass  # finished or requeued by someone else meanwhile
+            except sqlite3.OperationalError:
+                break  # the store is locked (by a hung writer?): lease expiry requeues them later
         return out
 
     def _close_plumbing(self) -> None:

@@ -62,6 +62,7 @@ class StageSpec:
     face_box: Optional[tuple]
     output_dir: str
     threads: Optional[int] = None  # the generator's intra-op threads (CPU replicas share the cores)
+    supervisor: int = 0  # pid of the process that spawned the stage (read there, not in the child)
 
 
 class JobStart(NamedTuple):
@@ -187,7 +188,9 @@ class Stage:
         self.board = Board.attach(spec.board_name)
         self.row = self.board.row(spec.replica, self.name)
         self.store = spec.store
-        self.parent = os.getppid()
+        # The spawner's pid, not getppid(): a stage born after its supervisor died already has
+        # a new parent and would never notice.
+        self.parent = spec.supervisor or os.getppid()
         self._renewed = 0.0
         self._checked = 0.0
 

@@ -172,8 +172,23 @@ class VideoWriter:
         if self.frames == 0:
             self.tmp.unlink(missing_ok=True)
             raise VideoError(f"{self.path}: no frames were written")
+        self._verify()
         os.replace(self.tmp, self.path)
         return self.path
+
+    def _verify(self) -> None:
+        """Read the file back: OpenCV only warns when a write fails (ENOSPC), and would leave a
+        truncated, unplayable video to be renamed into place as a success."""
+        import cv2
+
+        cap = cv2.VideoCapture(str(self.tmp))
+        readable = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        cap.release()
+        if readable != self.frames:
+            free = shutil.disk_usage(self.tmp.parent).free
+            self.tmp.unlink(missing_ok=True)
+            raise VideoError(f"{self.path}: the written video is incomplete ({readable} of {self.frames} frames "
+                             f"readable); disk full? {free} bytes free in {self.tmp.parent}")
 
     def abort(self) -> None:
         if self._writer is not None:

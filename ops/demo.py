@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ops.context import OK, PROBLEM, emit_json
+from ops.context import OK, PROBLEM, USAGE, emit_json
 
 
 @click.command()
@@ -31,6 +31,7 @@ def demo(env, n_jobs: int, seconds: float, out_dir: Path, timeout_s: float, as_j
     from heygem import assets
     from heygem.jobs import JobStore
     from heygem.pipeline import Pipeline
+    from heygem.providers import ModelError
 
     config = env.config
     out_dir = out_dir.resolve()
@@ -45,11 +46,15 @@ def demo(env, n_jobs: int, seconds: float, out_dir: Path, timeout_s: float, as_j
     pipeline = Pipeline(config.pipeline, store, models_dir=out_dir / "models", output_dir=out_dir / "outputs",
                         log_json=bool(env.log_json), log_level="warning")
     started = time.monotonic()
-    pipeline.start()
+    try:
+        pipeline.start()
+    except ModelError as err:
+        click.echo(f"error: {err}", err=True)
+        raise SystemExit(USAGE) from None
     try:
         ids = [store.submit(str(speech[i % len(speech)]), str(template), str(out_dir / "outputs" / f"demo-{i + 1}.mp4")).id
                for i in range(n_jobs)]
-        ready_s = _follow(pipeline, store, ids, started + timeout_s, quiet=as_json)
+        ready_s, fatal = _follow(pipeline, store, ids, started + timeout_s, quiet=as_json)
     finally:
         pipeline_status = pipeline.status()
         pipeline.stop(grace_s=config.daemon.stop_grace_s)
@@ -63,6 +68,7 @@ def demo(env, n_jobs: int, seconds: float, out_dir: Path, timeout_s: float, as_j
         "replicas": [{"index": r["index"], "device": r["device"], "sessions": r["sessions"]} for r in pipeline_status["replicas"]],
         "jobs": [j.to_dict() for j in jobs],
         "preview": str(preview) if preview else None,
+        "fatal": fatal,
     }
     if as_json:
         emit_json(result)
@@ -72,11 +78,18 @@ def demo(env, n_jobs: int, seconds: float, out_dir: Path, timeout_s: float, as_j
 
 
 def _follow(pipeline, store, ids: list[int], deadline: float, quiet: bool):
-    """Wait (bounded) for every job to end, with a progress bar per job. Returns start-up time."""
+    """Wait (bounded) for every job to end, with a progress bar per job. Returns the start-up
+    time and the replicas' fatal reports (also printed, on stderr, so --json stays JSON)."""
+    import sys
+
+    from rich.console import Console
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     begun = time.monotonic()
     ready_s = None
+    fatal = []
+    errors = Console(file=sys.stderr, highlight=False)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TextColumn("{task.fields[stage]}"), TimeElapsedColumn(), disable=quiet, transient=False) as bar:
         boot = bar.add_task("starting replicas", total=1, stage="")
@@ -84,7 +97,8 @@ def _follow(pipeline, store, ids: list[int], deadline: float, quiet: bool):
         while time.monotonic() < deadline:
             for replica, kind, stage, payload in pipeline.poll():
                 if kind == "fatal":
-                    bar.console.print(f"[red]replica {replica} {stage}: {payload['reason']}[/red]")
+                    fatal.append({"replica": replica, "stage": stage, "reason": payload["reason"]})
+                    errors.print(f"[red]replica {replica} {stage}: {payload['reason']}[/red]")
             if ready_s is None and pipeline.ready():
                 ready_s = time.monotonic() - begun
                 bar.update(boot, completed=1, description=f"replicas ready ({ready_s:.1f} s)")
@@ -96,7 +110,7 @@ def _follow(pipeline, store, ids: list[int], deadline: float, quiet: bool):
             if all(j.state in ("succeeded", "failed", "cancelled") for j in jobs):
                 break
             time.sleep(0.2)
-    return ready_s
+    return ready_s, fatal
 
 
 def _preview(jobs, path: Path):

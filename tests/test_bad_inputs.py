@@ -4,9 +4,6 @@ Pipeline path: a real Pipeline (spawned stages, real sessions, real store). Each
 with a reason that names the culprit and the stage that refused it, leave nothing at (or next to)
 its output path, and the pipeline must then serve a good job. Command path: `heygem-ops` as a
 subprocess with a bad config or model; a config error exits 2 and names the key.
-
-Rows marked xfail(strict) are product bugs found while writing this table: the row states the
-behaviour we want, and turns into a failure (XPASS) once the bug is fixed, so the mark goes.
 """
 
 from __future__ import annotations
@@ -184,10 +181,7 @@ PIPELINE_CASES = [
     pytest.param(lambda t, m, fs: (m["audio"], m["template"], fs("ro", "size=1m,ro") / "out.mp4"),
                  "encode", "[Errno 30] Read-only file system: '{tmp}/ro/", id="output-read-only-fs"),
     pytest.param(lambda t, m, fs: (m["audio"], m["template"], fs("full", "size=16k") / "out.mp4"),
-                 "encode", "disk full", id="output-disk-full",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "BUG heygem/video.py VideoWriter: OpenCV drops writes on ENOSPC with a warning only; "
-                     "close() renames the truncated file into place and the job SUCCEEDS with an unplayable video"))),
+                 "encode", "disk full", id="output-disk-full"),
 ]
 
 
@@ -221,9 +215,6 @@ def models(tmp_path_factory):
 
 
 MODELS = '[pipeline.models]\naudio_encoder = "{audio_encoder}"\ngenerator = "{root}/{generator_file}"\n'
-BAD_MODEL = pytest.mark.xfail(strict=True, reason=(
-    "BUG: a configured model that is unusable is a config error; daemon exits 1 (systemd's "
-    "RestartPreventExitStatus=2 then restarts it forever) and demo dies with a traceback; neither names the key"))
 
 # (config text, command, exit code, words the user must see on stderr/stdout)
 COMMAND_CASES = [
@@ -237,13 +228,13 @@ COMMAND_CASES = [
                  id="duplicate-devices"),
     pytest.param("[daemon\n", ["daemon"], 2, ["not valid TOML"], id="not-toml"),
     pytest.param(MODELS.replace("{generator_file}", "bogus.onnx"), ["daemon"], 2,
-                 ["[pipeline.models] generator", "bogus.onnx: not an ONNX model"], id="model-not-onnx-daemon", marks=BAD_MODEL),
+                 ["[pipeline.models] generator", "bogus.onnx: not an ONNX model"], id="model-not-onnx-daemon"),
     pytest.param(MODELS.replace("{generator_file}", "bogus.onnx"), ["demo", "--jobs", "1"], 2,
-                 ["[pipeline.models] generator", "bogus.onnx: not an ONNX model"], id="model-not-onnx-demo", marks=BAD_MODEL),
+                 ["[pipeline.models] generator", "bogus.onnx: not an ONNX model"], id="model-not-onnx-demo"),
     pytest.param(MODELS.replace("{generator_file}", "small.onnx"), ["daemon"], 2,
                  ["[pipeline.models] generator",
                   "small.onnx: not a generator model: input 'masked': expected [N,3,256,256] float32, got [1,3,128,128] float32"],
-                 id="model-wrong-input-shape", marks=BAD_MODEL),
+                 id="model-wrong-input-shape"),
     # No GPU 7 here (nor CUDA): the config is valid, the host is not. Doctor and demo exit 1 and
     # name the GPU; the CPU fallback is refused (fallback = "fail").
     pytest.param("[pipeline]\ndevices = [7]\n", ["doctor", "--json"], 1, ["GPU 7: asked for CUDA, session runs on CPUExecutionProvider"],
@@ -267,9 +258,6 @@ def test_a_bad_config_or_model_is_refused_with_its_key(models, tmp_path, config,
     assert "Traceback" not in said, said[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG ops/demo.py _follow: a replica's fatal message is printed with bar.console.print on STDOUT "
-    "even with --json, so stdout is not JSON; the JSON has no word of why no job ran"))
 def test_demo_json_stays_json_when_a_replica_refuses_to_serve(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text("[pipeline]\ndevices = [7]\n")

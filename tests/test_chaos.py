@@ -395,10 +395,6 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG heygem/stages.py Stage.__init__: `self.parent = os.getppid()` is read in the child, so a stage "
-    "that starts after its supervisor died (a daemon killed while it restarts a replica) records init "
-    "as its parent, never sees the re-parenting, and runs on: claiming jobs, holding the GPU"))
 def test_a_stage_born_after_its_supervisor_died_exits(tmp_path):
     script = tmp_path / "supervisor.py"
     script.write_text(SUPERVISOR)
@@ -415,9 +411,6 @@ def test_a_stage_born_after_its_supervisor_died_exits(tmp_path):
     assert not left, f"stages outlived their supervisor: {[p.pid for p in left]}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG watchdog/daemon.py _manage_replicas: a restart's action is stored under (alert, '*'), so when two "
-    "replicas have the same alert in one tick, every alert line carries the action of the last replica handled"))
 def test_two_replicas_dying_together_each_alert_names_its_own_replica(tmp_path):
     d = Daemon(tmp_path, "[pipeline]\ncpu_replicas = 2\n[actions]\nbackoff_initial_s = 0.2\n")
     try:
@@ -435,10 +428,6 @@ def test_two_replicas_dying_together_each_alert_names_its_own_replica(tmp_path):
         d.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG watchdog/daemon.py Daemon.tick: expire_leases() (a store write) runs before evaluate/act; while a "
-    "hung writer holds the job store's lock every tick waits busy_timeout (10 s) and dies with 'database is "
-    "locked', so no rule is evaluated and the hung stage, which holds the lock, is never restarted"))
 def test_a_stage_hung_inside_a_store_transaction_is_still_restarted(tmp_path):
     d = Daemon(tmp_path, "[rules]\nheartbeat_timeout_s = 2.0\n[actions]\nbackoff_initial_s = 0.2\nterm_grace_s = 1.0\n")
     victim = None

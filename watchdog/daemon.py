@@ -54,6 +54,7 @@ class Daemon:
         self.metrics = Metrics(_version(), config.daemon.mode)
         self.book = AlertBook(for_durations(config.rules), config.rules.repeat_s)
         self.store: Optional[JobStore] = None
+        self.lease_store: Optional[JobStore] = None
         self.pipeline = None
         self.external = None
         self.logwatch = None
@@ -88,9 +89,13 @@ class Daemon:
             try:
                 self.start()
             except Exception as err:
+                from heygem.providers import ModelError
+
                 self.log.error("daemon_start_failed", error=f"{type(err).__name__}: {err}")
                 self.shutdown()
-                return 1
+                # An unusable configured model is a configuration error: exit 2, which the unit's
+                # RestartPreventExitStatus=2 does not restart in a loop.
+                return 2 if isinstance(err, ModelError) else 1
             ping_every = self.notifier.watchdog_interval()
             last_ping = 0.0
             while True:
@@ -114,6 +119,8 @@ class Daemon:
 
         os.environ[MARKER] = marker_value()  # inherited by every worker: how `clean` finds our orphans
         self.store = JobStore(self.paths.store, max_attempts=self.config.pipeline.max_attempts)
+        # The tick's own writes wait briefly: a tick blocked on the store is a tick that cannot see.
+        self.lease_store = JobStore(self.paths.store, max_attempts=self.config.pipeline.max_attempts, busy_timeout_s=1.0)
         self._start_gpu_probe()
         self._start_service()
         d = self.config.daemon
@@ -285,10 +292,10 @@ class Daemon:
         try:
             now = time.time()
             sample = self.sample(now)
-            self.expire_leases(now)
             conditions, skipped = self.evaluate(sample, now)
             events = self.book.update(conditions, now, skipped)
             self.act(sample, events, now)
+            self.expire_leases(now)  # last: a writer hung inside a transaction must not stop the rules
             self.publish(sample, now)
         except Exception as err:  # a tick must never kill the scheduler: log and go on
             self.log.exception("tick_failed", error=f"{type(err).__name__}: {err}")
@@ -341,7 +348,14 @@ class Daemon:
                                              event.evidence, now, now, action="job marked failed; not retried"))
 
     def expire_leases(self, now: float) -> None:
-        for job in self.store.expire_leases(now, self.config.pipeline.max_attempts):
+        import sqlite3
+
+        try:
+            expired = self.lease_store.expire_leases(now, self.config.pipeline.max_attempts)
+        except sqlite3.OperationalError as err:  # locked by a writer that may be the hung stage
+            self.log.warning("job_store_busy", error=str(err), action="lease expiry retried next tick")
+            return
+        for job in expired:
             self.log.warning("job_lease_expired", job=job.id, state=job.state, attempts=job.attempts, reason=job.reason)
 
     def evaluate(self, sample: dict, now: float) -> tuple[list[Condition], list[str]]:
@@ -404,7 +418,7 @@ class Daemon:
             actions[("orphans", "")] = "terminated " + ", ".join(done)
         actions.update(self._handle_zombies(sample["zombies"], now))
         for event in events:
-            action = actions.get((event.alert, event.key)) or actions.get((event.alert, "*"), "")
+            action = actions.get((event.alert, event.key), "")
             self._log_alert(event.with_action(action) if action else event)
 
     def _log_alert(self, event) -> None:
@@ -423,8 +437,8 @@ class Daemon:
                 self.log.error("replica_out_of_service", replica=i, reason=self.out_of_service[i])
                 continue
             names = [f"replica-{i}/{s}" for s in replica.procs]
-            why = [a for a, k in firing if a in ("worker_dead", "worker_hung") and k in names]
-            why += [a for a, k in firing if a == "stage_stalled" and k.startswith(f"{i}/")]
+            why = [(a, k) for a, k in firing if a in ("worker_dead", "worker_hung") and k in names]
+            why += [(a, k) for a, k in firing if a == "stage_stalled" and k.startswith(f"{i}/")]
             if not why:
                 continue
             policy = self.policies[i]
@@ -436,16 +450,16 @@ class Daemon:
                 continue
             start_at = policy.next_start_at(now)
             if now < start_at:
-                for alert in set(why):
-                    actions[(alert, "*")] = f"restart of replica {i} in {start_at - now:.1f} s (back-off)"
+                for alert in why:
+                    actions[alert] = f"restart of replica {i} in {start_at - now:.1f} s (back-off)"
                 continue
             requeued = self.pipeline.restart(i, grace_s=self.config.actions.term_grace_s)
             policy.record_start(time.time())
             action = f"restarted replica {i} (generation {replica.generation}); requeued jobs {requeued}"
-            self.log.warning("replica_restarted", replica=i, why=sorted(set(why)), requeued=requeued,
+            self.log.warning("replica_restarted", replica=i, why=sorted({a for a, _ in why}), requeued=requeued,
                              generation=replica.generation, restarts=policy.restarts)
-            for alert in set(why):
-                actions[(alert, "*")] = action
+            for alert in why:
+                actions[alert] = action
         return actions
 
     def _manage_external(self, now: float) -> dict:
