@@ -47,7 +47,7 @@ def _ping_interval(environ: Mapping[str, str]) -> Optional[float]:
 class Notifier:
     """A handle on systemd's notification socket (or on nothing, outside systemd)."""
 
-    def __init__(self, address: Union[str, bytes, None], ping_interval_s: Optional[float] = None, timeout_s: float = 1.0):
+    def __init__(self, address: Union[str, bytes, None], ping_interval_s: Optional[float] = None, timeout_s: float = 0.1):
         self.address = address
         self._ping_interval_s = ping_interval_s
         self.timeout_s = timeout_s
@@ -83,7 +83,8 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                # A full receive queue (systemd busy) must not stall the tick: bounded send.
+                # A full receive queue (systemd busy, or a reader that stopped reading) must not
+                # stall the tick: a short bounded send, then the message is dropped and reported.
                 self._sock.settimeout(self.timeout_s)
             self._sock.sendto(data, self.address)
         except OSError:
