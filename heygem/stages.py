@@ -417,9 +417,11 @@ class Generate(Stage):
 
     def setup(self) -> None:
         self.session = self.open("generator", threads=self.spec.threads)
-        self.jobs: dict[int, JobStart] = {}
+        self.references: dict[int, np.ndarray] = {}  # job -> its reference crop, NCHW float, once
 
     def loop(self) -> None:
+        from heygem import face
+
         batch: list[FrameMsg] = []
         while not self.stopping():
             msg = self.get(self.ch.to_generate, timeout=0.02 if batch else 1.0)
@@ -438,7 +440,7 @@ class Generate(Stage):
                 continue
             batch = self.flush(batch)
             if isinstance(msg, JobStart):
-                self.jobs = {msg.job: msg}
+                self.references = {msg.job: face.to_nchw(msg.reference)}
                 self.row.set_job(msg.job)
             elif isinstance(msg, JobEnd):
                 self.row.set_job(None)
@@ -457,16 +459,15 @@ class Generate(Stage):
         if not batch:
             return []
         job = batch[0].ref.job
-        start = self.jobs.get(job)
+        reference = self.references.get(job)
         self.row.set_state("busy")
         try:
             h, w = batch[0].ref.shape[:2]
             parts = [views(self.ch.ring, m.ref.slot, h, w) for m in batch]
             crops = np.stack([p.crop for p in parts])
-            reference = np.broadcast_to(start.reference, crops.shape)
             out = infer(self.session, "generator", {
                 "masked": face.to_nchw(np.stack([face.mask(c) for c in crops])),
-                "reference": face.to_nchw(reference),
+                "reference": np.repeat(reference, len(crops), axis=0),
                 "audio": np.stack([p.features for p in parts]),
             })
             for p, generated in zip(parts, face.from_nchw(out)):
