@@ -34,7 +34,7 @@ import numpy as np
 from heygem import logs
 from heygem.board import Board
 from heygem.jobs import JobError, JobStore
-from heygem.ring import FrameRef, FrameRing, bounded, get_bounded, put_bounded
+from heygem.ring import FrameRef, FrameRing, get_bounded, put_bounded
 
 STAGES = ("decode", "generate", "encode")
 CROP = 256

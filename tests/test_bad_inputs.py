@@ -16,17 +16,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import psutil
 import pytest
 
 from heygem import assets
 from heygem.config import PipelineConfig
 from heygem.jobs import JobStore
 from heygem.models import build_demo_models
-from heygem.pipeline import Pipeline
 from tests.conftest import run_cli
 from tests.onnx_models import conv_model
-from tests.test_pipeline import finished, frame_count, shm_segments, stage_children, wait
+from tests.test_pipeline import finished, frame_count, serving, wait
 
 pytestmark = pytest.mark.timeout(300)
 FPS = 25.0
@@ -100,18 +98,10 @@ def media(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline(media, tmp_path_factory):
     """One replica for the whole table: a bad job must not need a fresh pipeline."""
-    before = shm_segments()
     store = JobStore(tmp_path_factory.mktemp("store") / "jobs.sqlite3")
-    p = Pipeline(PipelineConfig(lease_s=10.0, max_width=MAX_W, max_height=MAX_H), store,
-                 models_dir=media["models"], output_dir=media["root"] / "out")
-    p.start()
-    assert wait(lambda: p.ready() or any(r.dead() for r in p.replicas), 60, p), p.status()
-    yield p
-    pids = [pid for r in p.replicas for pid in r.pids().values()]
-    p.stop(grace_s=5)
-    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    assert not stage_children(), "a stage process was left behind"
-    assert shm_segments() <= before, "a shared-memory segment was left behind"
+    config = PipelineConfig(lease_s=10.0, max_width=MAX_W, max_height=MAX_H)
+    with serving(config, store, media["models"], media["root"] / "out") as p:
+        yield p
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -38,11 +39,12 @@ def shm_segments() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("heygem_") and f"_{os.getpid()}" in n}
 
 
-@pytest.fixture
-def pipeline(inputs, tmp_path):
+@contextmanager
+def serving(config: PipelineConfig, store: JobStore, models: Path, outputs: Path):
+    """A started, ready pipeline; on exit it is stopped and must leave no process and no
+    shared-memory segment behind."""
     before = shm_segments()
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    p = Pipeline(PipelineConfig(lease_s=10.0), store, models_dir=inputs["models"], output_dir=tmp_path / "out")
+    p = Pipeline(config, store, models_dir=models, output_dir=outputs)
     p.start()
     wait(lambda: p.ready() or any(r.dead() for r in p.replicas), 60, p)
     assert p.ready(), p.status()
@@ -52,6 +54,12 @@ def pipeline(inputs, tmp_path):
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not stage_children(), "a stage process was left behind"
     assert shm_segments() <= before, "a shared-memory segment was left behind"
+
+
+@pytest.fixture
+def pipeline(inputs, tmp_path):
+    with serving(PipelineConfig(lease_s=10.0), JobStore(tmp_path / "jobs.sqlite3"), inputs["models"], tmp_path / "out") as p:
+        yield p
 
 
 def stage_children() -> list:
