@@ -1,75 +1,48 @@
-"""Entry point of `heygem-ops`: global options and a lazily loaded command table."""
+"""The `heygem-ops` console script (and `python -m ops.cli`).
 
-from __future__ import annotations
+`heygem-ops zombies` replaces `ps aux | grep defunct | wc -l`, which operators run in `watch`
+loops, and it must cost less than that pipeline. Importing click alone costs twice as much, so a
+well-formed `zombies [--json] [--pid N]` goes straight to the report; anything else (other
+commands, global options, --help, a bad value) goes through click, with its help and messages.
+"""
 
-import importlib
-from pathlib import Path
-from typing import Optional
-
-import click
-
-from ops.context import Env
-
-# name -> "module:attribute"; a command's module is imported only when that command runs.
-COMMANDS = {
-    "cancel": "ops.jobs:cancel",
-    "clean": "ops.clean:clean",
-    "daemon": "ops.daemon:daemon",
-    "demo": "ops.demo:demo",
-    "doctor": "ops.doctor:doctor",
-    "gpu": "ops.gpu:gpu",
-    "install-service": "ops.install_service:install_service",
-    "jobs": "ops.jobs:jobs",
-    "logs": "ops.logs:logs",
-    "monitor": "ops.monitor:monitor",
-    "restart": "ops.lifecycle:restart",
-    "start": "ops.lifecycle:start",
-    "status": "ops.lifecycle:status",
-    "stop": "ops.lifecycle:stop",
-    "submit": "ops.jobs:submit",
-    "zombies": "ops.zombies:zombies",
-}
+import sys
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx):
-        return sorted(COMMANDS)
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    zombies = _zombies_args(args)
+    if zombies is not None:
+        from ops.zombie_report import report
 
-    def get_command(self, ctx, name):
-        target = COMMANDS.get(name)
-        if target is None:
+        sys.exit(report(*zombies))
+    from ops.commands import cli
+
+    cli(args=args, prog_name="heygem-ops")
+
+
+def _zombies_args(args: list[str]) -> tuple[bool, int | None] | None:
+    """(as_json, root pid) for exactly `zombies [--json] [--pid N]`, N > 0; None for anything else."""
+    if args[:1] != ["zombies"]:
+        return None
+    given: dict[str, object] = {}
+    rest = iter(args[1:])
+    for arg in rest:
+        if arg == "--json":
+            name, value = "json", True
+        elif arg == "--pid":
+            name, value = "pid", next(rest, "")
+        elif arg.startswith("--pid="):
+            name, value = "pid", arg.partition("=")[2]
+        else:
             return None
-        module, attr = target.split(":")
-        return getattr(importlib.import_module(module), attr)
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="HEYGEM_OPS_CONFIG",
-    help="TOML config file (default: /etc/heygem-ops/config.toml if present, else built-in defaults).",
-)
-@click.option("--log-json/--log-console", "log_json", default=None, help="Log format (default: JSON unless stderr is a terminal).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning", show_default=True)
-@click.version_option(package_name="heygem-ops")
-@click.pass_context
-def cli(ctx: click.Context, config_path: Optional[Path], log_json: Optional[bool], log_level: str) -> None:
-    """Operate a HeyGem lip-sync video service: diagnose, watch, heal.
-
-    \b
-    Examples:
-      heygem-ops demo              the whole pipeline offline, on embedded defaults
-      heygem-ops doctor            is inference really on the GPUs?
-      heygem-ops gpu --watch 1     live per-GPU table
-      heygem-ops zombies --json    defunct processes, grouped by parent
-    """
-    ctx.obj = Env(config_path, log_json, log_level)
-
-
-def main() -> None:
-    cli(prog_name="heygem-ops")
+        if name in given:
+            return None
+        given[name] = value
+    pid = given.get("pid")
+    if pid is not None and not (pid.isdecimal() and int(pid) > 0):
+        return None
+    return "json" in given, None if pid is None else int(pid)
 
 
 if __name__ == "__main__":

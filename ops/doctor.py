@@ -230,7 +230,7 @@ def check_zombies() -> Check:
     from watchdog.procs import by_parent, zombies
 
     groups = by_parent(zombies())
-    evidence = {"groups": [asdict(g) for g in groups]}
+    evidence = {"groups": [g.as_dict() for g in groups]}
     if not groups:
         return Check("zombies", "ok", "no zombie processes", evidence)
     total = sum(len(g.zombies) for g in groups)

@@ -22,7 +22,9 @@ import click
 from ops.context import PROBLEM, USAGE
 
 UNIT_NAME = "heygem-ops.service"
-TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / UNIT_NAME
+# A source checkout (editable install) has systemd/; a wheel installs the file under share/.
+_SOURCE_TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / UNIT_NAME
+TEMPLATE = _SOURCE_TEMPLATE if _SOURCE_TEMPLATE.exists() else Path(sys.prefix) / "share" / "heygem-ops" / UNIT_NAME
 PLACEHOLDER = "@BINDIR@"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 

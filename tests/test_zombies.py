@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from ops.cli import _zombies_args
+from conftest import ROOT
 from procs_helpers import ZombieMaker, proc_state
 
 
@@ -83,13 +85,41 @@ def test_help_shows_an_example(cli):
 
 
 def test_cold_start_does_not_import_heavy_modules(cli, maker):
-    """The command must stay a fraction of a second: no psutil, rich, onnxruntime, cv2 or numpy on --json."""
+    """It must beat `ps aux | grep defunct | wc -l`: on --json, not even click, json or re."""
     code = (
         "import sys, runpy; sys.argv = ['heygem-ops', 'zombies', '--json', '--pid', sys.argv[1]]\n"
         "try:\n    runpy.run_module('ops.cli', run_name='__main__')\n"
         "except SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('psutil', 'rich', 'onnxruntime', 'cv2', 'numpy', 'pydantic') if m in sys.modules), file=sys.stderr)"
+        "print(sorted(m for m in ('click', 'json', 're', 'typing', 'psutil', 'rich', 'onnxruntime', 'cv2', 'numpy', 'pydantic') if m in sys.modules), file=sys.stderr)"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(maker.pid)], capture_output=True, text=True, timeout=60)
+    # -S: without site, so what the editable install's finder imports (re, pathlib) does not count.
+    result = subprocess.run([sys.executable, "-S", "-c", code, str(maker.pid)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert json.loads(result.stdout)["total"] == 3
     assert result.stderr.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("args, parsed", [
+    (["zombies"], (False, None)),
+    (["zombies", "--json"], (True, None)),
+    (["zombies", "--pid", "42", "--json"], (True, 42)),
+    (["zombies", "--pid=42"], (False, 42)),
+    # Everything else goes to click, for its help and its error messages.
+    (["zombies", "--pid", "0"], None),
+    (["zombies", "--pid", "-3"], None),
+    (["zombies", "--pid", "x"], None),
+    (["zombies", "--pid"], None),
+    (["zombies", "--json", "--json"], None),
+    (["zombies", "--help"], None),
+    (["zombies", "--jsn"], None),
+    (["--log-json", "zombies"], None),
+    (["gpu", "--json"], None),
+    ([], None),
+])
+def test_fast_path_takes_only_well_formed_invocations(args, parsed):
+    assert _zombies_args(args) == parsed
+
+
+def test_malformed_invocation_gets_clicks_message(cli):
+    result = cli("zombies", "--pid", "0")
+    assert result.returncode == 2
+    assert "Invalid value for '--pid'" in result.stderr

@@ -327,8 +327,7 @@ class Daemon:
                                   "processes": len(self.external.refs())}
             if self.logwatch is not None:
                 self.logwatch.read(now)
-        sample["zombies"] = [g.__dict__ | {"zombies": [z.__dict__ for z in g.zombies]}
-                             for g in by_parent(zombies(root=os.getpid()))]
+        sample["zombies"] = [g.as_dict() for g in by_parent(zombies(root=os.getpid()))]
         sample["orphans"] = probes.orphans(os.getpid(), self._tracked())
         sample["disks"] = probes.disk_views([self.paths.root])
         sample["jobs"] = self.store.counts()
