@@ -28,7 +28,7 @@ def _dumps(obj) -> str:
     {"cmdline": 'python "app.py" --in C:\\tmp\n\t\b\f\r\x00\x1f\x7f', "name": "spawn_main 🙂 é 中"},
     {"age": 1.0, "small": 1e-7, "big": 1e16, "neg": -0.0, "nan": float("nan"), "inf": float("inf"), "minf": float("-inf")},
     {"flags": [True, False, None], "n": -12, "huge": 2**80, "level": Level.HIGH},
-    {1: "int key", 2.5: "float key", True: "bool key", None: "none key"},
+    {1: "int key", 2.5: "float key", False: "bool key", None: "none key"},
     {"path": Path("/var/lib/heygem-ops"), "set": {3}, "bytes": b"\x00"},
     ("tuple", ("nested",)),
     "plain string",
