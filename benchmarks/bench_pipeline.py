@@ -1,21 +1,40 @@
-"""Pipeline throughput, side by side in one run, on the demo models (CPU):
+"""Pipeline throughput on CPU, side by side in one run, in two settings:
 
-    each stage alone    decode (read, detect, crop), generate (batches of 4), encode (paste,
-                        write), each by itself in one process: the slowest is the bottleneck
+    demo models       the demo's tiny generator: every stage costs about the same, so on a
+                      small machine the pipeline is bound by the total CPU, not by one stage
+    generator-bound   the demo generator made heavier by identity convolutions (same output)
+                      and given a core of its own (cpu_threads = 1), as a GPU is a device of
+                      its own: the generator is the bottleneck, as in production, and the
+                      ratio to it measures what the plumbing loses
+
+Rows of each setting:
+
+    each stage alone    the stage's own per-frame work in one process: decode (read, detect,
+                        crop, into a slot), generate (batches through heygem.batch.Batch, the
+                        generator), encode (paste, write); the slowest is the bottleneck
     sequential loop     every stage in one process, frame after frame (no overlap)
-    pipeline, 1 replica decode -> generate -> encode processes, frames in shared memory
-    pipeline, 2 replicas
+    pipeline            decode -> generate -> encode processes, frames in shared memory
+    generate beside     (generator-bound) the generator again, while another process decodes
+      decode + encode   and encodes at its pace: on a CPU machine the pipeline's generator
+                        shares caches and memory bandwidth with the other stages, which a GPU
+                        generator does not; the pipeline's ratio to this row is what the
+                        plumbing itself loses
 
-The pipeline's target is the bottleneck's own fps (ratio >= 0.9): stages overlap, so it can
-go no faster than its slowest stage, and should lose little to the plumbing. fps counts output frames from the first job's claim to the last job's end (start-up excluded,
-reported apart). Peak memory: the largest summed RSS of one replica's three stage processes.
+The target is the bottleneck's own fps (ratio >= 0.9): stages overlap, so the pipeline can go
+no faster than its slowest stage, and should lose little to the plumbing. This process applies
+the stage processes' tuning (heygem.stages.tune_process) so single-process rows compare like
+with like. fps counts output frames from the first job's submission to the last job's end
+(start-up excluded, reported apart). Peak memory: the largest summed RSS of one replica's three
+stage processes.
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--jobs 4] [--seconds 4] [--size 640x360]
+    .venv/bin/python benchmarks/bench_pipeline.py [--jobs 4] [--seconds 4] [--size 640x360] [--heavier 12] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -28,111 +47,241 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from heygem import assets, audio, face, video  # noqa: E402
-from heygem.config import PipelineConfig  # noqa: E402
+from heygem.batch import Batch  # noqa: E402
+from heygem.config import ModelPaths, PipelineConfig  # noqa: E402
 from heygem.jobs import JobStore  # noqa: E402
 from heygem.models import build_demo_models, infer  # noqa: E402
 from heygem.pipeline import Pipeline  # noqa: E402
 from heygem.providers import open_session  # noqa: E402
+from heygem.stages import tune_process  # noqa: E402
+
+BATCH = 4
 
 
-def sequential(models: dict, audio_path: Path, template: Path, out: Path, batch: int) -> tuple[int, float]:
-    """The same work with no processes and no overlap: the baseline the pipeline must beat."""
-    encoder, _ = open_session(str(models["audio_encoder"]), "cpu")
-    generator, _ = open_session(str(models["generator"]), "cpu")
-    detector, _ = open_session(str(models["detector"]), "cpu")
-    began = time.perf_counter()
-    info = video.probe(template)
-    samples, sr = audio.load_audio(audio_path)
-    plan = audio.frame_plan(len(samples) / sr, info.frames, info.fps)
-    feats = audio.features(encoder, audio.windows(audio.mel(samples, sr), len(plan), info.fps))
-    frames = [f.copy() for f in video.read_frames(template, plan)]
-    with video.VideoWriter(out, info.fps, (info.width, info.height)) as writer:
-        reference = None
-        for start in range(0, len(frames), batch):
-            chunk = frames[start : start + batch]
-            crops, places = zip(*(face.crop(f, face.detect(detector, f)) for f in chunk))
-            reference = crops[0] if reference is None else reference
-            generated = face.from_nchw(infer(generator, "generator", {
-                "masked": face.to_nchw(np.stack([face.mask(c) for c in crops])),
-                "reference": face.to_nchw(np.broadcast_to(reference, (len(crops), *reference.shape))),
-                "audio": feats[start : start + len(chunk)],
-            }))
-            for frame, crop, place in zip(chunk, generated, places):
-                writer.write(face.paste(frame, crop, place))
-    return len(frames), time.perf_counter() - began
+def heavier_generator(demo: Path, convs: int, out: Path) -> Path:
+    """The demo generator followed by `convs` identity 3x3 convolutions: the same crops, more work."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(demo))
+    graph = model.graph
+    last = graph.output[0].name
+    identity = np.zeros((3, 3, 3, 3), np.float32)
+    identity[range(3), range(3), 1, 1] = 1.0
+    graph.initializer.append(numpy_helper.from_array(identity, "identity_3x3"))
+    for node in graph.node:
+        node.output[:] = [f"{last}_0" if name == last else name for name in node.output]
+    for i in range(convs):
+        target = last if i == convs - 1 else f"{last}_{i + 1}"
+        graph.node.append(helper.make_node("Conv", [f"{last}_{i}", "identity_3x3"], [target], pads=[1, 1, 1, 1]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return out
 
 
-def stages_alone(models: dict, template: Path, n: int, batch: int) -> dict[str, float]:
-    """Seconds for `n` frames of each stage's own work, one stage at a time, in this process."""
-    generator, _ = open_session(str(models["generator"]), "cpu", threads=1, spinning=False)
-    detector, _ = open_session(str(models["detector"]), "cpu", threads=1, spinning=False)
+def sessions(models: dict, threads: int) -> dict:
+    return {
+        role: open_session(str(path), "cpu", threads=threads if role == "generator" else 1, spinning=False)[0]
+        for role, path in models.items()
+    }
+
+
+def decode_frames(s: dict, template: Path, plan) -> list:
+    """Decode's per-frame work: read, detect, crop, copy into a slot-sized buffer."""
+    out = []
+    for frame in video.read_frames(template, plan):
+        crop, placement = face.crop(frame, face.detect(s["detector"], frame))
+        slot = np.empty_like(frame)
+        slot[:] = frame
+        out.append((slot, crop, placement))
+    return out
+
+
+def generate(s: dict, batch: Batch, crops: list, feats: np.ndarray) -> None:
+    """Generate's per-batch work, in place: the stage's own Batch and generator call."""
+    for start in range(0, len(crops), BATCH):
+        chunk = crops[start : start + BATCH]
+        out = infer(s["generator"], "generator", batch.inputs(chunk, feats[start : start + len(chunk)]))
+        batch.outputs(out, chunk)
+
+
+def encode(decoded: list, out: Path, fps: float, size: tuple) -> None:
+    """Encode's per-frame work: paste the crop back, write the frame."""
+    with video.VideoWriter(out, fps, size) as writer:
+        for frame, crop, placement in decoded:
+            writer.write(face.paste(frame, crop, placement))
+
+
+def stages_alone(models: dict, threads: int, template: Path, n: int, work: Path, beside: bool = False) -> dict[str, float]:
+    """Seconds for `n` frames of each stage's own work, one stage at a time. With `beside`,
+    generate runs once more next to another process that decodes and encodes at the generator's
+    own pace: the load the other two stages put on the machine in the pipeline."""
+    s = sessions(models, threads)
     info = video.probe(template)
     plan = audio.frame_plan(n / info.fps, info.frames, info.fps)
     times = {}
     began = time.perf_counter()
-    crops = []
-    for frame in video.read_frames(template, plan):
-        crops.append(face.crop(frame, face.detect(detector, frame)))
+    decoded = decode_frames(s, template, plan)
     times["decode"] = time.perf_counter() - began
-    crop = crops[0][0]
-    masked = face.to_nchw(np.stack([face.mask(crop)] * batch))
-    reference = face.to_nchw(np.stack([crop] * batch))
-    feats = np.random.default_rng(0).standard_normal((batch, 256, 20)).astype(np.float32)
+    times["generate"] = generate_seconds(s, decoded)
+    if beside:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        ready, stop = ctx.Event(), ctx.Event()
+        other = ctx.Process(target=company, args=(models, template, n / times["generate"], work / "company.mp4", ready, stop))
+        other.start()
+        try:
+            ready.wait(60)
+            times["generate beside decode + encode"] = generate_seconds(s, decoded)
+        finally:
+            stop.set()
+            other.join(60)
     began = time.perf_counter()
-    for _ in range(0, n, batch):
-        out = infer(generator, "generator", {"masked": masked, "reference": reference, "audio": feats})
-        face.from_nchw(out)
-    times["generate"] = time.perf_counter() - began
-    frames = [f.copy() for f in video.read_frames(template, plan)]
-    began = time.perf_counter()
-    with video.VideoWriter(template.with_name("encode-alone.mp4"), info.fps, (info.width, info.height)) as writer:
-        for frame, (c, place) in zip(frames, crops):
-            writer.write(face.paste(frame, c, place))
+    encode(decoded, work / "encode-alone.mp4", info.fps, (info.width, info.height))
     times["encode"] = time.perf_counter() - began
     return times
 
 
-def pipeline_run(models_dir: Path, work: Path, jobs: list[tuple[Path, Path]], replicas: int) -> dict:
+def generate_seconds(s: dict, decoded: list) -> float:
+    batch = Batch(BATCH)
+    batch.set_reference(decoded[0][1])
+    feats = np.random.default_rng(0).standard_normal((len(decoded), 256, 20)).astype(np.float32)
+    began = time.perf_counter()
+    generate(s, batch, [crop for _, crop, _ in decoded], feats)
+    return time.perf_counter() - began
+
+
+def company(models: dict, template: Path, fps: float, out: Path, ready, stop) -> None:
+    """Decode and encode the template over and over, `fps` frames a second, until `stop`."""
+    tune_process()
+    s = sessions(models, 1)
+    info = video.probe(template)
+    chunk = list(range(min(info.frames, 25)))
+    ready.set()
+    due = time.perf_counter()
+    while not stop.is_set():
+        encode(decode_frames(s, template, chunk), out, info.fps, (info.width, info.height))
+        due += len(chunk) / fps
+        stop.wait(max(0.0, due - time.perf_counter()))
+
+
+def sequential(models: dict, threads: int, audio_path: Path, template: Path, out: Path) -> tuple[int, float]:
+    """The same work with no processes and no overlap: the baseline the pipeline must beat."""
+    s = sessions(models, threads)
+    began = time.perf_counter()
+    info = video.probe(template)
+    samples, sr = audio.load_audio(audio_path)
+    plan = audio.frame_plan(len(samples) / sr, info.frames, info.fps)
+    feats = audio.features(s["audio_encoder"], audio.windows(audio.mel(samples, sr), len(plan), info.fps))
+    decoded = decode_frames(s, template, plan)
+    batch = Batch(BATCH)
+    batch.set_reference(decoded[0][1])
+    generate(s, batch, [crop for _, crop, _ in decoded], feats)
+    encode(decoded, out, info.fps, (info.width, info.height))
+    return len(decoded), time.perf_counter() - began
+
+
+def pipeline_run(config: PipelineConfig, models_dir: Path, work: Path, jobs: list[tuple[Path, Path]], name: str) -> dict:
     import psutil
 
-    store = JobStore(work / f"jobs-{replicas}.sqlite3")
-    p = Pipeline(PipelineConfig(cpu_replicas=replicas), store, models_dir=models_dir, output_dir=work / f"out-{replicas}",
-                 log_level="warning")
+    store = JobStore(work / f"jobs-{name}.sqlite3")
+    p = Pipeline(config, store, models_dir=models_dir, output_dir=work / f"out-{name}", log_level="warning")
     t0 = time.perf_counter()
     p.start()
-    while not p.ready():
-        p.poll()
-        time.sleep(0.02)
-    startup = time.perf_counter() - t0
-    peak = [0]
-    done = threading.Event()
+    try:
+        while not p.ready():
+            p.poll()
+            time.sleep(0.02)
+        startup = time.perf_counter() - t0
+        peak = [0]
+        done = threading.Event()
 
-    def watch_memory():
-        while not done.is_set():
-            for r in p.replicas:
-                total = 0
-                for pid in r.pids().values():
-                    try:
-                        total += psutil.Process(pid).memory_info().rss
-                    except psutil.NoSuchProcess:
-                        pass
-                peak[0] = max(peak[0], total)
-            done.wait(0.1)
+        def watch_memory():
+            while not done.is_set():
+                for r in p.replicas:
+                    total = 0
+                    for pid in r.pids().values():
+                        try:
+                            total += psutil.Process(pid).memory_info().rss
+                        except psutil.NoSuchProcess:
+                            pass
+                    peak[0] = max(peak[0], total)
+                done.wait(0.1)
 
-    watcher = threading.Thread(target=watch_memory, daemon=True)
-    watcher.start()
-    ids = [store.submit(str(a), str(v), str(work / f"out-{replicas}" / f"{i}.mp4")).id for i, (a, v) in enumerate(jobs)]
-    began = time.perf_counter()
-    while any(store.get(i).state in ("queued", "running") for i in ids):
-        p.poll()
-        time.sleep(0.02)
-    wall = time.perf_counter() - began
-    done.set()
-    watcher.join(timeout=2)
-    frames = sum(sum(1 for _ in video.read_frames(store.get(i).result, range(video.probe(store.get(i).result).frames))) for i in ids)
+        watcher = threading.Thread(target=watch_memory, daemon=True)
+        watcher.start()
+        cpu_before = stage_cpu(p)
+        began = time.perf_counter()
+        ids = [store.submit(str(a), str(v), str(work / f"out-{name}" / f"{i}.mp4")).id for i, (a, v) in enumerate(jobs)]
+        while any(store.get(i).state in ("queued", "running") for i in ids):
+            p.poll()
+            time.sleep(0.02)
+        wall = time.perf_counter() - began
+        cpu = {stage: used - cpu_before[stage] for stage, used in stage_cpu(p).items()}
+        done.set()
+        watcher.join(timeout=2)
+    finally:
+        p.stop(grace_s=5)
+    frames = sum(video.probe(store.get(i).result).frames for i in ids if store.get(i).result)
     states = {store.get(i).state for i in ids}
-    p.stop(grace_s=5)
-    return {"frames": frames, "wall": wall, "startup": startup, "peak_rss_mib": peak[0] / 2**20, "states": states}
+    return {"frames": frames, "wall": wall, "startup": startup, "peak_rss_mib": peak[0] / 2**20, "states": states,
+            "cpu": cpu}
+
+
+def stage_cpu(p: Pipeline) -> dict[str, float]:
+    """CPU seconds (user + system) each stage has used so far, summed over the replicas."""
+    import psutil
+
+    used: dict[str, float] = {}
+    for r in p.replicas:
+        for stage, pid in r.pids().items():
+            times = psutil.Process(pid).cpu_times()
+            used[stage] = used.get(stage, 0.0) + times.user + times.system
+    return used
+
+
+def setting(title: str, models: dict, threads: int, pipelines: list[tuple[str, PipelineConfig]],
+            models_dir: Path, work: Path, jobs: list[tuple[Path, Path]], rounds: int, beside: bool = False) -> None:
+    """Every row `rounds` times, interleaved (load on a shared machine hits every row alike); medians."""
+    speech, template = jobs[0]
+    fps: dict[str, list[float]] = {}
+    runs: dict[str, list[dict]] = {name: [] for name, _ in pipelines}
+    for _ in range(rounds):
+        n_seq, t_seq = 0, 0.0
+        for _ in jobs:
+            n, t = sequential(models, threads, speech, template, work / "seq.mp4")
+            n_seq, t_seq = n_seq + n, t_seq + t
+        for stage, t in stages_alone(models, threads, template, n_seq, work, beside).items():
+            fps.setdefault(f"{stage} stage alone" if " " not in stage else stage, []).append(n_seq / t)
+        fps.setdefault("sequential loop, 1 process", []).append(n_seq / t_seq)
+        for name, config in pipelines:
+            r = pipeline_run(config, models_dir, work, jobs, name)
+            runs[name].append(r)
+            fps.setdefault(name, []).append(r["frames"] / r["wall"])
+    median = {name: statistics.median(values) for name, values in fps.items()}
+    neck = min((name for name in median if name.endswith("stage alone")), key=median.get)
+    print(f"\n{title}: {n_seq} frames each way, generator threads {threads}, median of {rounds} rounds")
+    print(f"{'run':<44} {'fps':>7} {'vs bottleneck':>14} {'vs sequential':>14} {'startup s':>10} {'peak RSS MiB/replica':>21}")
+    for name, value in median.items():
+        label = name + (" (bottleneck)" if name == neck else "")
+        startup = rss = ""
+        if name in runs:
+            startup = f"{statistics.median(r['startup'] for r in runs[name]):.1f}"
+            rss = f"{max(r['peak_rss_mib'] for r in runs[name]):.0f}"
+        print(f"{label:<44} {value:7.1f} {value / median[neck]:13.2f}x {value / median['sequential loop, 1 process']:13.2f}x {startup:>10} {rss:>21}")
+    for name, rs in runs.items():
+        per_frame = {stage: statistics.median(r["cpu"][stage] / r["frames"] * 1e3 for r in rs) for stage in rs[0]["cpu"]}
+        busy = statistics.median(r["cpu"]["generate"] / r["wall"] for r in rs)
+        print(f"{name}: CPU per frame " + ", ".join(f"{stage} {ms:.1f} ms" for stage, ms in per_frame.items())
+              + f"; generate CPU = {busy:.0%} of the wall")
+    if "generate beside decode + encode" in median:
+        print(f"pipeline vs the generator with decode + encode beside it: "
+              f"{median[pipelines[0][0]] / median['generate beside decode + encode']:.2f}x")
+    if len(pipelines) > 1:
+        one, two = (median[name] for name, _ in pipelines[:2])
+        print(f"scaling 1 -> 2 replicas: {two / one:.2f}x")
+    print(f"job states: {set().union(*(r['states'] for rs in runs.values() for r in rs))}")
 
 
 def main() -> None:
@@ -140,37 +289,32 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=4.0, help="speech per job")
     ap.add_argument("--size", default="640x360")
+    ap.add_argument("--heavier", type=int, default=12, help="identity convolutions added to the generator-bound setting's generator")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every row (medians)")
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
+    tune_process()
+    cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         models = build_demo_models(work / "models")
         template = assets.make_template_video(work / "t.mp4", seconds=4.0, size=(width, height))
         speech = assets.make_speech_audio(work / "a.wav", seconds=args.seconds)
         jobs = [(speech, template)] * args.jobs
+        print(f"{args.jobs} jobs x {args.seconds:g} s speech at {width}x{height}, CPU, {cores} cores")
 
-        rows = []
-        n_seq, t_seq = 0, 0.0
-        for _ in range(args.jobs):
-            n, t = sequential(models, speech, template, work / "seq.mp4", 4)
-            n_seq, t_seq = n_seq + n, t_seq + t
-        alone = stages_alone(models, template, n_seq, 4)
-        one = pipeline_run(work / "models", work, jobs, 1)
-        two = pipeline_run(work / "models", work, jobs, 2)
-        stage_fps = {stage: n_seq / t for stage, t in alone.items()}
-        bottleneck = min(stage_fps, key=stage_fps.get)
-        fps_neck, fps_seq = stage_fps[bottleneck], n_seq / t_seq
-        for stage, fps in stage_fps.items():
-            rows.append((f"{stage} stage alone" + (" (bottleneck)" if stage == bottleneck else ""), fps, "", ""))
-        rows.append(("sequential loop, 1 process", fps_seq, "", ""))
-        for name, r in (("pipeline, 1 replica", one), ("pipeline, 2 replicas", two)):
-            rows.append((name, r["frames"] / r["wall"], f"{r['startup']:.1f}", f"{r['peak_rss_mib']:.0f}"))
-        print(f"{args.jobs} jobs x {args.seconds:g} s speech at {width}x{height}, {n_seq} frames each way, CPU, demo models")
-        print(f"{'run':<32} {'fps':>7} {'vs bottleneck':>14} {'vs sequential':>14} {'startup s':>10} {'peak RSS MiB/replica':>21}")
-        for name, fps, startup, rss in rows:
-            print(f"{name:<32} {fps:7.1f} {fps / fps_neck:13.2f}x {fps / fps_seq:13.2f}x {startup:>10} {rss:>21}")
-        print(f"scaling 1 -> 2 replicas: {(two['frames'] / two['wall']) / (one['frames'] / one['wall']):.2f}x; "
-              f"job states: {one['states'] | two['states']}")
+        setting("demo models", models, cores, [
+            ("pipeline, 1 replica", PipelineConfig(cpu_replicas=1)),
+            ("pipeline, 2 replicas", PipelineConfig(cpu_replicas=2)),
+            ("pipeline, 1 replica, cpu_threads = 1", PipelineConfig(cpu_threads=1)),
+        ], work / "models", work, jobs, args.rounds)
+
+        heavy = {**models, "generator": heavier_generator(models["generator"], args.heavier, work / "heavy_generator.onnx")}
+        setting(f"generator-bound (+{args.heavier} identity convolutions, a core of its own)", heavy, 1, [
+            ("pipeline, 1 replica", PipelineConfig(cpu_threads=1, models=ModelPaths(generator=heavy["generator"]))),
+        ], work / "models", work, jobs, args.rounds, beside=True)
+        print(f"\ncommand: .venv/bin/python benchmarks/bench_pipeline.py --jobs {args.jobs} --seconds {args.seconds:g} "
+              f"--size {args.size} --heavier {args.heavier} --rounds {args.rounds}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ class PipelineConfig(Section):
         default="cpu", description='GPU indices, one replica each, or "cpu"'
     )
     cpu_replicas: int = Field(default=1, ge=1, le=64, description='replicas when devices = "cpu"')
+    cpu_threads: Optional[int] = Field(
+        default=None, ge=1, le=256,
+        description="ONNX Runtime threads of each CPU replica's generator (default: the cores shared among the CPU replicas)",
+    )
     fallback: Literal["fail", "warn"] = Field(
         default="fail", description="what a replica does when CUDA was asked for and is not active"
     )

@@ -82,12 +82,12 @@ def _region_px(region: tuple[float, float, float, float], size: int) -> tuple[in
 
 @lru_cache(maxsize=8)
 def _feather(size: int) -> np.ndarray:
-    """[size,size,1] float32 alpha: 1 in the middle, a smooth ramp to 0 at the crop's edges."""
+    """[size,size] float32 alpha: 1 in the middle, a smooth ramp to 0 at the crop's edges."""
     ramp = max(1, int(round(FEATHER * size)))
     edge = np.minimum(np.arange(size), np.arange(size)[::-1]).astype(np.float32)
     line = np.clip((edge + 0.5) / ramp, 0.0, 1.0)
     line = line * line * (3 - 2 * line)  # smoothstep: no visible kink where the ramp ends
-    return np.outer(line, line)[:, :, None]
+    return np.outer(line, line).astype(np.float32)
 
 
 def paste(frame: np.ndarray, crop_img: np.ndarray, placement: Placement) -> np.ndarray:
@@ -109,9 +109,11 @@ def paste(frame: np.ndarray, crop_img: np.ndarray, placement: Placement) -> np.n
     local[:, 2] -= (x0, y0)
     roi_size = (x1 - x0, y1 - y0)
     warped = cv2.warpAffine(crop_img, local, roi_size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    alpha = cv2.warpAffine(_feather(placement.size), local, roi_size, flags=cv2.INTER_LINEAR, borderValue=0)[:, :, None]
-    roi = frame[y0:y1, x0:x1].astype(np.float32)
-    frame[y0:y1, x0:x1] = (roi + (warped.astype(np.float32) - roi) * alpha + 0.5).astype(np.uint8)
+    alpha = cv2.warpAffine(_feather(placement.size), local, roi_size, flags=cv2.INTER_LINEAR, borderValue=0)
+    roi = frame[y0:y1, x0:x1]
+    # One pass in C: alpha * warped + (1 - alpha) * roi, rounded; a numpy blend makes five
+    # float copies of the region and costs twice as much.
+    roi[:] = cv2.blendLinear(warped, roi, alpha, 1.0 - alpha)
     return frame
 
 
@@ -125,7 +127,9 @@ def detect(model, frame: np.ndarray) -> Optional[Box]:
     import cv2
 
     height, width = _input_size(model)
-    small = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    # INTER_LINEAR, as common detectors' own preprocessing does: INTER_AREA at these
+    # non-integer ratios costs 1.3 ms per 640x360 frame and ~10 ms per 1080p frame.
+    small = cv2.resize(frame, (width, height), interpolation=cv2.INTER_LINEAR)
     x0, y0, x1, y1 = (float(v) for v in np.asarray(infer(model, "detector", {"image": to_nchw(small)})).reshape(4))
     fh, fw = frame.shape[:2]
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):

@@ -66,6 +66,10 @@ class Pipeline:
             return ["cpu"] * self.config.cpu_replicas
         return list(self.config.devices)
 
+    def cpu_threads(self, replicas: int) -> int:
+        """The generator's intra-op threads in a CPU replica: configured, or the cores shared."""
+        return self.config.cpu_threads or max(1, (os.cpu_count() or 1) // replicas)
+
     def start(self) -> None:
         """Check the models, create the board, spawn every replica."""
         self.models = resolve_models(self.config, self.models_dir)
@@ -78,7 +82,7 @@ class Pipeline:
                 models=self.models, fallback=self.config.fallback, batch_size=self.config.batch_size,
                 lease_s=self.config.lease_s, max_width=self.config.max_width, max_height=self.config.max_height,
                 face_box=self.config.face_box, output_dir=str(self.output_dir),
-                threads=max(1, (os.cpu_count() or 1) // len(devices)) if device == "cpu" else None,
+                threads=self.cpu_threads(len(devices)) if device == "cpu" else None,
             )
             replica = Replica(index, base, self.config.ring_slots, log_json=self.log_json, log_level=self.log_level)
             replica.start()

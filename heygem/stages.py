@@ -42,6 +42,9 @@ FEATURES = (256, 20)
 EXIT_FALLBACK = 78  # EX_CONFIG: sessions not on the requested provider and fallback = "fail"
 POLL_S = 0.1
 CANCEL_CHECK_S = 0.5
+# An idle decode asks the store for a job this often: a new job waits 25 ms on average, for
+# about 20 empty read transactions a second per replica.
+CLAIM_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -324,7 +327,7 @@ class Decode(Stage):
             job = self.store.claim(self.spec.worker, self.spec.lease_s)
             if job is None:
                 self.row.set_state("idle")
-                self.ch.stop.wait(0.2)
+                self.ch.stop.wait(CLAIM_POLL_S)
                 continue
             self._renewed = time.time()
             self.row.set_job(job.id)
@@ -416,12 +419,13 @@ class Generate(Stage):
     name = "generate"
 
     def setup(self) -> None:
+        from heygem.batch import Batch
+
         self.session = self.open("generator", threads=self.spec.threads)
-        self.references: dict[int, np.ndarray] = {}  # job -> its reference crop, NCHW float, once
+        self.buffers = Batch(self.spec.batch_size)
+        self.reference_of: Optional[int] = None  # the job whose reference crop the buffers hold
 
     def loop(self) -> None:
-        from heygem import face
-
         batch: list[FrameMsg] = []
         while not self.stopping():
             msg = self.get(self.ch.to_generate, timeout=0.02 if batch else 1.0)
@@ -440,7 +444,8 @@ class Generate(Stage):
                 continue
             batch = self.flush(batch)
             if isinstance(msg, JobStart):
-                self.references = {msg.job: face.to_nchw(msg.reference)}
+                self.buffers.set_reference(msg.reference)
+                self.reference_of = msg.job
                 self.row.set_job(msg.job)
             elif isinstance(msg, JobEnd):
                 self.row.set_job(None)
@@ -450,7 +455,6 @@ class Generate(Stage):
 
     def flush(self, batch: list[FrameMsg]) -> list[FrameMsg]:
         """Generate the batch's crops and hand them on; returns the (empty) new batch."""
-        from heygem import face
         from heygem.models import infer
 
         for m in [m for m in batch if m.ref.job in self.ch.aborts]:
@@ -459,19 +463,15 @@ class Generate(Stage):
         if not batch:
             return []
         job = batch[0].ref.job
-        reference = self.references.get(job)
         self.row.set_state("busy")
         try:
             h, w = batch[0].ref.shape[:2]
+            if job != self.reference_of:
+                raise RuntimeError(f"frames of job {job} arrived without the job's start")
             parts = [views(self.ch.ring, m.ref.slot, h, w) for m in batch]
-            crops = np.stack([p.crop for p in parts])
-            out = infer(self.session, "generator", {
-                "masked": face.to_nchw(np.stack([face.mask(c) for c in crops])),
-                "reference": np.repeat(reference, len(crops), axis=0),
-                "audio": np.stack([p.features for p in parts]),
-            })
-            for p, generated in zip(parts, face.from_nchw(out)):
-                p.crop[:] = generated
+            crops = [p.crop for p in parts]
+            out = infer(self.session, "generator", self.buffers.inputs(crops, [p.features for p in parts]))
+            self.buffers.outputs(out, crops)
         except Exception as err:
             for m in batch:
                 self.release(m)
@@ -589,9 +589,50 @@ def _reason(err: BaseException) -> str:
 KINDS = {cls.name: cls for cls in (Decode, Generate, Encode)}
 
 
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+HEAP_KEEP_BYTES = 64 << 20
+
+
+def tune_process() -> None:
+    """Settings for a stage's hot loop, applied in each stage process (and in the benchmarks'
+    single-process baselines, so they compare like with like).
+
+    - OpenCV's thread pool goes to 1: a replica's parallelism is its three stage processes (and
+      the generator's ONNX Runtime pool); a pool per process sized to every core oversubscribes
+      them, and each parallel loop then waits on its slowest, preempted, thread.
+    - glibc malloc keeps blocks below 64 MiB on the heap and lets 64 MiB of free heap stay
+      mapped. Frames and batches are megabytes, allocated and freed at video rate; by default
+      glibc hands freed ones back to the kernel and the next use page-faults fresh zeroed pages:
+      measured 3,400 faults and 11 ms of kernel time per batch of four crops, about the demo
+      generator's own compute (benchmarks/bench_conversions.py). Not glibc (musl): left as is.
+    """
+    import ctypes
+
+    import cv2
+
+    cv2.setNumThreads(1)
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, HEAP_KEEP_BYTES)
+    mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES)
+
+
+# Decode and encode run this much nicer than generate. The generator is the bottleneck (the
+# stage that feeds the GPU): a time slice it loses is throughput lost, while the other two have
+# the ring's slots as slack. On a busy CPU the scheduler then serves generate first (measured on
+# 2 cores, generator-bound: +5 % to +15 % fps, BENCHMARKS.md).
+HELPER_NICE = 5
+
+
 def main(stage: str, spec: StageSpec, ch: Channels, log_json: bool = True, log_level: str = "info") -> None:
     """Entry point of a stage process (the target given to `Process`)."""
     import sys
 
     logs.configure(json=log_json, level=log_level, stream=sys.stderr)
+    tune_process()
+    if stage != "generate":
+        os.nice(HELPER_NICE)
     sys.exit(KINDS[stage](spec, ch).run())

@@ -108,6 +108,16 @@ def test_jobs_produce_playable_videos_of_the_audio_length(pipeline, inputs, tmp_
     assert {s["active"][0] for s in sessions.values()} == {"CPUExecutionProvider"}
 
 
+def test_generate_runs_before_its_helpers_on_a_busy_cpu(pipeline):
+    """The bottleneck gets the CPU first: decode and encode run HELPER_NICE nicer."""
+    from heygem.stages import HELPER_NICE
+
+    [replica] = pipeline.replicas
+    nice = {stage: psutil.Process(pid).nice() for stage, pid in replica.pids().items()}
+    base = psutil.Process().nice()
+    assert nice == {"decode": base + HELPER_NICE, "generate": base, "encode": base + HELPER_NICE}
+
+
 @pytest.mark.parametrize(
     "make_bad, culprit",
     [
@@ -252,3 +262,9 @@ def test_stages_exit_when_their_supervisor_is_killed(inputs, tmp_path):
         sup.kill()  # the supervisor this test started
         sup.wait(timeout=10)
     assert wait(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in stages), 15)
+
+
+def test_cpu_generator_threads_are_configured_or_the_cores_shared(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    assert Pipeline(PipelineConfig(cpu_threads=3), store, tmp_path).cpu_threads(replicas=2) == 3
+    assert Pipeline(PipelineConfig(), store, tmp_path).cpu_threads(replicas=2) == max(1, (os.cpu_count() or 1) // 2)
