@@ -93,15 +93,12 @@ def _float(x: float) -> str:
 
 
 def _key(k: object) -> str:
-    """Keys as json coerces them; anything else is the TypeError json raises."""
+    """Keys as json coerces them (a number, bool or None becomes its JSON text); anything else is
+    the TypeError json raises."""
     if isinstance(k, str):
         return k
-    if k is None or isinstance(k, bool):
-        return _CONSTANTS[k]
-    if isinstance(k, int):
-        return int.__repr__(k)
-    if isinstance(k, float):
-        return _float(k)
+    if k is None or isinstance(k, (bool, int, float)):
+        return to_json(k)
     raise TypeError(f"keys must be str, int, float, bool or None, not {type(k).__name__}")
 
 
