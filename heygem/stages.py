@@ -301,6 +301,7 @@ class Stage:
             return 1
         finally:
             self.board.close()
+            release_queues(self.ch, orphaned=os.getppid() != self.parent)
 
     def setup(self) -> None:
         """Open sessions; runs before the stage reports ready."""
@@ -578,6 +579,21 @@ class Encode(Stage):
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
+
+
+def release_queues(ch: Channels, orphaned: bool) -> None:
+    """Let the stage process exit without waiting for its queues' readers.
+
+    At exit, multiprocessing joins each queue's feeder thread, which blocks for good writing a
+    message larger than the pipe's buffer (a JobStart carries a 196 KB crop) to a stage that
+    has already left: after its supervisor was SIGKILLed, a stage then outlived it forever.
+    Frames in flight are abandoned on stop anyway. Events still go out to a living supervisor
+    (a fatal event carries the reason), and are dropped only when it is gone.
+    """
+    for q in (ch.to_generate, ch.to_encode):
+        q.cancel_join_thread()
+    if orphaned:
+        ch.events.cancel_join_thread()
 
 
 def _reason(err: BaseException) -> str:

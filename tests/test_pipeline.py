@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,7 @@ import cv2
 import psutil
 import pytest
 
+from conftest import ROOT
 from heygem import assets
 from heygem.config import PipelineConfig
 from heygem.jobs import JobStore
@@ -268,3 +271,29 @@ def test_cpu_generator_threads_are_configured_or_the_cores_shared(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite3")
     assert Pipeline(PipelineConfig(cpu_threads=3), store, tmp_path).cpu_threads(replicas=2) == 3
     assert Pipeline(PipelineConfig(), store, tmp_path).cpu_threads(replicas=2) == max(1, (os.cpu_count() or 1) // 2)
+
+
+EXIT_WITH_UNREAD = """
+import multiprocessing, sys, types
+from heygem.stages import release_queues
+ctx = multiprocessing.get_context("spawn")
+ch = types.SimpleNamespace(to_generate=ctx.Queue(4), to_encode=ctx.Queue(4), events=ctx.Queue())
+ch.to_generate.put(b"x" * 300_000)  # a JobStart-sized message; its reader has left
+if sys.argv[1] == "release":
+    release_queues(ch, orphaned=True)
+"""
+
+
+@pytest.mark.parametrize("how, exits", [("release", True), ("plain", False)])
+def test_a_stage_exits_though_nobody_reads_its_queue(how, exits):
+    """Without release_queues, the exit waits forever on the queue's feeder thread."""
+    proc = subprocess.Popen([sys.executable, "-c", EXIT_WITH_UNREAD, how], cwd=ROOT)
+    try:
+        proc.wait(timeout=10 if exits else 3)
+        exited = True
+    except subprocess.TimeoutExpired:
+        exited = False
+    finally:
+        proc.kill()  # the process this test started
+        proc.wait(timeout=10)
+    assert exited == exits
