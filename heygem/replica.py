@@ -55,7 +55,10 @@ class Replica:
 
     @property
     def worker(self) -> str:
-        return f"replica-{self.index}.{self.generation}"
+        """The lease holder's name: replica, incarnation and supervisor pid. The pid keeps a new
+        daemon's first incarnation from taking the name of a killed daemon's, whose jobs may
+        still be leased to it."""
+        return f"replica-{self.index}.{self.generation}@{os.getpid()}"
 
     def start(self) -> None:
         """Spawn a new incarnation: fresh plumbing, three stage processes."""

@@ -517,7 +517,7 @@ class Encode(Stage):
             self.abort_writer()
             self.start = msg
             self.row.set_job(msg.job)
-            Path(msg.output).parent.mkdir(parents=True, exist_ok=True)
+            video.make_output_folder(msg.output)
             silent = Path(msg.output).with_name(f".{Path(msg.output).stem}.video.mp4")
             self.writer = video.VideoWriter(silent, msg.fps, msg.size)
             return

@@ -7,6 +7,7 @@ to it, renamed only when the writer closes cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -132,6 +133,31 @@ def read_frames(path: Union[str, Path], indices: Iterable[int], cache_bytes: int
         cap.release()
 
 
+def make_output_folder(path: Union[str, Path]) -> Path:
+    """Create the folder the video `path` goes in; a VideoError that says what is in the way."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise VideoError(f"{path}: cannot create its folder: {blocker} is a file, not a folder") from None
+    except OSError as err:
+        raise VideoError(f"{path}: cannot create its folder {folder}: {err.strerror}") from None
+    return folder
+
+
+def _why_unwritable(folder: Path) -> str:
+    """The likely reason OpenCV (which only logs) could not open a file in `folder`."""
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"{folder} is on a read-only file system"
+    except OSError as err:
+        return f"{folder}: {err.strerror}"
+    if not os.access(folder, os.W_OK):
+        return f"no permission to write in {folder}"
+    return "no encoder for mp4v in this OpenCV build?"
+
+
 class VideoWriter:
     """Write BGR uint8 frames to `path` (mp4v in MP4), atomically.
 
@@ -151,8 +177,10 @@ class VideoWriter:
         self._writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), self.size)
         if not self._writer.isOpened():
             self._writer.release()
-            self.tmp.unlink(missing_ok=True)
-            raise VideoError(f"{self.path}: OpenCV cannot write an mp4v video here ({self.size[0]}x{self.size[1]} at {fps:g} fps)")
+            with contextlib.suppress(OSError):  # EROFS, EACCES: the reason below says it better
+                self.tmp.unlink(missing_ok=True)
+            raise VideoError(f"{self.path}: OpenCV cannot write an mp4v video here ({self.size[0]}x{self.size[1]} "
+                             f"at {fps:g} fps): {_why_unwritable(self.tmp.parent)}")
 
     def write(self, frame: np.ndarray) -> None:
         if self._writer is None:

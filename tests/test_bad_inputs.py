@@ -167,9 +167,10 @@ PIPELINE_CASES = [
     # root ignores permission bits, so "not writable" must be real: a path under a regular file,
     # and a read-only file system.
     pytest.param(lambda t, m, fs: (m["audio"], m["template"], text(t / "a-file", "x") / "out.mp4"),
-                 "encode", "[Errno 17] File exists: '{tmp}/a-file'", id="output-under-a-file"),
+                 "encode", "{tmp}/a-file/out.mp4: cannot create its folder: {tmp}/a-file is a file, not a folder", id="output-under-a-file"),
     pytest.param(lambda t, m, fs: (m["audio"], m["template"], fs("ro", "size=1m,ro") / "out.mp4"),
-                 "encode", "[Errno 30] Read-only file system: '{tmp}/ro/", id="output-read-only-fs"),
+                 "encode", "{tmp}/ro/.out.video.mp4: OpenCV cannot write an mp4v video here (640x360 at 25 fps): {tmp}/ro is on a read-only file system",
+                 id="output-read-only-fs"),
     pytest.param(lambda t, m, fs: (m["audio"], m["template"], fs("full", "size=16k") / "out.mp4"),
                  "encode", "disk full", id="output-disk-full"),
 ]

@@ -297,3 +297,22 @@ def test_a_stage_exits_though_nobody_reads_its_queue(how, exits):
         proc.kill()  # the process this test started
         proc.wait(timeout=10)
     assert exited == exits
+
+
+WORKER_NAME = """
+import sys
+from heygem.replica import Replica
+from heygem.stages import StageSpec
+base = StageSpec(0, "cpu", "", None, "board", {}, "fail", 4, 30.0, 64, 64, None, "out")
+replica = Replica(0, base, ring_slots=2)
+replica.generation = 1  # as after start()
+print(replica.worker)
+"""
+
+
+def test_a_new_supervisors_workers_are_not_a_killed_ones():
+    """Two daemons on one job store (one killed, one started after it) hold leases under different
+    names, so the new one's first incarnation cannot finish or requeue the old one's jobs as its own."""
+    names = {subprocess.run([sys.executable, "-c", WORKER_NAME], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT, check=True).stdout.strip() for _ in range(2)}
+    assert len(names) == 2 and all(name.startswith("replica-0.1@") for name in names)
