@@ -20,6 +20,9 @@ from heygem.ring import FrameRing
 from heygem.stages import EXIT_FALLBACK, STAGES, Aborts, Channels, Flag, StageSpec, main, slot_bytes
 
 QUEUE_SLOTS = 4  # descriptors between stages; the ring's slots are the real bound
+# After the grace: how long stages get to die of SIGTERM, then of SIGKILL. A stage does not catch
+# SIGTERM, so this is the kernel's time to tear a process down; one still there is stuck in it.
+SIGNAL_WAIT_S = 2.0
 EVENTS_PER_POLL = 256
 
 
@@ -128,16 +131,12 @@ class Replica:
         and requeue the jobs this incarnation still holds. Returns the requeued job ids."""
         if self.channels is not None:
             self.channels.stop.set()
-        deadline = time.monotonic() + grace_s
-        for proc in self.procs.values():
-            proc.join(timeout=max(0.0, deadline - time.monotonic()))
-        for proc in self.procs.values():
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=2.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=2.0)
+        _join(self.procs.values(), grace_s)
+        for send in ("terminate", "kill"):  # SIGTERM, then SIGKILL, to the stages still there
+            alive = [proc for proc in self.procs.values() if proc.is_alive()]
+            for proc in alive:
+                getattr(proc, send)()
+            _join(alive, SIGNAL_WAIT_S)
         self.poll()
         self._close_plumbing()
         self.procs = {}
@@ -189,3 +188,10 @@ class Replica:
             "fatal": self.state.fatal,
             "started_at": self.state.started_at,
         }
+
+
+def _join(procs, timeout_s: float) -> None:
+    """Join every process against one deadline."""
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
