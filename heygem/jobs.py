@@ -250,8 +250,14 @@ class JobStore:
         return self.get(job_id)
 
     def claim(self, worker: str, lease_s: float, now: Optional[float] = None) -> Optional[Job]:
-        """Take the oldest queued job for `worker` (attempts + 1, leased until now + lease_s)."""
+        """Take the oldest queued job for `worker` (attempts + 1, leased until now + lease_s).
+
+        Idle workers call this many times a second: a plain read answers "nothing queued"
+        without taking the write lock that submissions and lease renewals need.
+        """
         now = time.time() if now is None else now
+        if self._db().execute("SELECT 1 FROM jobs WHERE state = 'queued' LIMIT 1").fetchone() is None:
+            return None
         with self._tx() as db:
             row = db.execute(f"{_SELECT} WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
             if row is None:

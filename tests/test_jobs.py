@@ -177,3 +177,19 @@ def test_concurrent_processes_never_share_a_job(tmp_path):
     assert len(claimed) == len(set(claimed)) == 60
     assert set(claimed) == ids
     assert store.counts()["succeeded"] == 60
+
+
+def test_an_idle_claim_does_not_wait_for_the_write_lock(store, tmp_path):
+    """Idle workers poll claim() many times a second; with nothing queued it must not queue up
+    behind a writer (a submission, a renewal) for the write lock."""
+    writer = sqlite3.connect(store.path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process mid-write
+    try:
+        began = time.monotonic()
+        assert store.claim("idle", lease_s=30) is None
+        assert time.monotonic() - began < 1.0  # not the 10 s busy timeout
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    job = store.submit("a.wav", "v.mp4", str(tmp_path / "o.mp4"))
+    assert store.claim("busy", lease_s=30).id == job.id
