@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from heygem import segments
 from heygem.board import Board
 from heygem.config import PipelineConfig
 from heygem.jobs import JobStore
@@ -59,6 +60,7 @@ class Pipeline:
         self.board: Optional[Board] = None
         self.replicas: list[Replica] = []
         self.models: dict[str, str] = {}
+        self.swept: list[str] = []  # segments of dead supervisors that start() unlinked
 
     @property
     def devices(self) -> list:
@@ -71,11 +73,13 @@ class Pipeline:
         return self.config.cpu_threads or max(1, (os.cpu_count() or 1) // replicas)
 
     def start(self) -> None:
-        """Check the models, create the board, spawn every replica."""
+        """Check the models, free what dead supervisors left in /dev/shm, create the board, spawn
+        every replica."""
         self.models = resolve_models(self.config, self.models_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.swept = segments.sweep()
         devices = self.devices
-        self.board = Board.create(f"heygem_board_{os.getpid()}", len(devices), STAGES)
+        self.board = Board.create(segments.segment_name("board"), len(devices), STAGES)
         for index, device in enumerate(devices):
             base = StageSpec(
                 replica=index, device=device, worker="", store=self.store, board_name=self.board.name,

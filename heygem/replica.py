@@ -17,6 +17,7 @@ from typing import Optional
 
 from heygem.jobs import JobError, JobStore
 from heygem.ring import FrameRing
+from heygem.segments import segment_name
 from heygem.stages import EXIT_FALLBACK, STAGES, Aborts, Channels, Flag, StageSpec, main, slot_bytes
 
 QUEUE_SLOTS = 4  # descriptors between stages; the ring's slots are the real bound
@@ -70,7 +71,7 @@ class Replica:
         self.generation += 1
         ctx = self.ctx
         ring = FrameRing.create(self.ring_slots, (slot_bytes(self.base.max_width, self.base.max_height),), ctx=ctx,
-                                name=f"heygem_ring_{os.getpid()}_r{self.index}_g{self.generation}")
+                                name=segment_name("ring", f"r{self.index}", f"g{self.generation}"))
         self.channels = Channels(
             ring=ring,
             to_generate=ctx.Queue(QUEUE_SLOTS),

@@ -46,7 +46,6 @@ resource tracker unlinks the segment once the creator's process tree is gone.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import queue
 import secrets
 import time
@@ -57,6 +56,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 import numpy as np
 
 from heygem.board import attach_segment
+from heygem.segments import segment_name
 
 FREE = -1
 LOCK_TIMEOUT_S = 5.0
@@ -138,12 +138,12 @@ class FrameRing:
 
     @classmethod
     def create(cls, slots: int, shape: tuple, dtype=np.uint8, name: Optional[str] = None, ctx=None) -> "FrameRing":
-        """A new ring; every slot free. `name` defaults to `heygem_ring_<pid>_<random>`."""
+        """A new ring; every slot free. `name` defaults to heygem.segments' ring name + a random part."""
         if slots < 1 or not shape or min(shape) < 1:
             raise ValueError(f"a ring needs >= 1 slot and a positive shape, got {slots} x {shape}")
         ctx = ctx or multiprocessing.get_context("spawn")
         slot_bytes = _aligned(int(np.prod(shape)) * np.dtype(dtype).itemsize)
-        name = name or f"heygem_ring_{os.getpid()}_{secrets.token_hex(4)}"
+        name = name or segment_name("ring", secrets.token_hex(4))
         shm = SharedMemory(name=name, create=True, size=_aligned(slots * 8) + slots * slot_bytes)
         np.ndarray((slots,), np.int64, buffer=shm.buf)[:] = FREE
         return cls(shm, slots, shape, dtype, True, ctx.BoundedSemaphore(slots), ctx.Lock())

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from conftest import ROOT
-from heygem import assets
+from heygem import assets, segments
 from heygem.config import PipelineConfig
 from heygem.jobs import JobStore
 from heygem.pipeline import Pipeline, resolve_models
@@ -265,6 +265,20 @@ def test_stages_exit_when_their_supervisor_is_killed(inputs, tmp_path):
         sup.kill()  # the supervisor this test started
         sup.wait(timeout=10)
     assert wait(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in stages), 15)
+
+
+def test_start_frees_the_rings_a_dead_supervisor_left(inputs, tmp_path):
+    from multiprocessing import resource_tracker
+    from multiprocessing.shared_memory import SharedMemory
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # a supervisor that is gone
+    child.wait(timeout=30)
+    stale = segments.segment_name("ring", "r0", "g1", pid=child.pid)
+    SharedMemory(name=stale, create=True, size=1 << 20).close()
+    resource_tracker.unregister(f"/{stale}", "shared_memory")  # as if its tracker died with it
+    with serving(PipelineConfig(), JobStore(tmp_path / "jobs.sqlite3"), inputs["models"], tmp_path / "out") as p:
+        assert p.swept == [stale]
+        assert stale not in os.listdir("/dev/shm")
 
 
 def test_cpu_generator_threads_are_configured_or_the_cores_shared(tmp_path):

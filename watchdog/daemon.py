@@ -159,6 +159,9 @@ class Daemon:
         self.pipeline = Pipeline(self.config.pipeline, self.store, models_dir=self.paths.models,
                                  output_dir=self.paths.outputs, log_json=True)
         self.pipeline.start()
+        if self.pipeline.swept:
+            self.log.warning("stale_segments_removed", segments=self.pipeline.swept,
+                             why="left in /dev/shm by a supervisor that died with its resource tracker")
         now = time.time()
         self.policies = {r.index: RestartPolicy.from_config(self.config.actions) for r in self.pipeline.replicas}
         for policy in self.policies.values():
