@@ -15,6 +15,8 @@ import os
 import re
 from typing import Optional
 
+import psutil
+
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"heygem_(?:board|ring)_(\d+)_(\d+)(?:_.*)?")
 
@@ -37,7 +39,7 @@ def sweep(shm_dir: str = SHM_DIR) -> list[str]:
     namespace = _pid_namespace()
     for name in names:
         match = _NAME.fullmatch(name)
-        if match is None or int(match.group(1)) != namespace or _running(int(match.group(2))):
+        if match is None or int(match.group(1)) != namespace or psutil.pid_exists(int(match.group(2))):
             continue
         try:
             os.unlink(os.path.join(shm_dir, name))
@@ -53,12 +55,3 @@ def _pid_namespace() -> int:
     except OSError:  # no /proc: one namespace is all there is
         return 0
 
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
