@@ -69,6 +69,8 @@ class Condition:
     severity: str
     summary: str
     evidence: dict = field(default_factory=dict)
+    for_s: Optional[float] = None  # overrides the book's `for` duration of this alert (e.g. a log
+    # line that upstream writes only after its own wait fires at once)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,8 @@ class AlertBook:
                 inst = self._instances[ident] = _Instance(c, since=now)
             inst.condition = c
             if inst.announced_at is None:
-                if now - inst.since >= self.for_s.get(c.alert, 0.0):
+                wait = c.for_s if c.for_s is not None else self.for_s.get(c.alert, 0.0)
+                if now - inst.since >= wait:
                     inst.announced_at = now
                     events.append(inst.event("firing", now))
             elif now - inst.announced_at >= self.repeat_s:

@@ -39,7 +39,6 @@ from watchdog.state import SNAPSHOT_VERSION, StatePaths, write_json, write_pidfi
 
 WAKE_S = 0.25
 LOCK_TIMEOUT_S = 0.5
-LOG_MATCH_WINDOW_S = 60.0
 
 
 class Daemon:
@@ -382,7 +381,8 @@ class Daemon:
         if self.external is not None:
             ext = sample["external"]
             conditions += rules.worker_dead([rules.WorkerView("external", ext["pid"], ext["exit_code"] is None, 0.0, ext["exit_code"])])
-            conditions += self._log_conditions(now)
+            if self.logwatch is not None:
+                conditions += self.logwatch.conditions(now)
         zombie_parents = {g["ppid"]: len(g["zombies"]) for g in sample["zombies"]}
         conditions += rules.zombies(zombie_parents, zombies_max=r.zombies_max)
         conditions.append(Condition("orphans", "", bool(sample["orphans"]), "warning",
@@ -395,17 +395,6 @@ class Daemon:
                                         f"{self.config.actions.crash_loop_window_s:g} s: restarts stopped",
                                         {"restarts": self.policies[index].restarts}))
         return conditions, skipped
-
-    def _log_conditions(self, now: float) -> list[Condition]:
-        if self.logwatch is None:
-            return []
-        out = []
-        for regex, alert, severity in self.logwatch.patterns:
-            seen = self.logwatch.last_match.get(alert)
-            active = seen is not None and now - seen[0] <= LOG_MATCH_WINDOW_S
-            out.append(Condition(alert, "log", active, severity, f"log line matched /{regex.pattern}/",
-                                 {"file": str(self.logwatch.path), "line": seen[1] if seen else None}))
-        return out
 
     # ---- actions --------------------------------------------------------------------------------
     def act(self, sample: dict, events: list, now: float) -> None:

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from watchdog.alerts import Condition
 from watchdog.procs import ProcRef, terminate, tree
 
 MARKER = "HEYGEM_OPS_DAEMON"
+LOG_MATCH_WINDOW_S = 60.0
 
 
 def marker_value() -> str:
@@ -110,3 +112,15 @@ class LogWatch:
                     self.last_match[alert] = (now, line.strip()[:300])
                     matched += 1
         return matched
+
+    def conditions(self, now: float) -> list[Condition]:
+        """One condition per pattern: active while its last match is recent. A log line is
+        evidence that already happened, so it fires at once (`for_s=0`), whatever the book's
+        `for` duration of the same alert from a probe."""
+        out = []
+        for regex, alert, severity in self.patterns:
+            seen = self.last_match.get(alert)
+            active = seen is not None and now - seen[0] <= LOG_MATCH_WINDOW_S
+            out.append(Condition(alert, "log", active, severity, f"log line matched /{regex.pattern}/",
+                                 {"file": str(self.path), "line": seen[1] if seen else None}, for_s=0.0))
+        return out
