@@ -4,7 +4,7 @@
               astype, transpose (heygem.face.to_nchw / from_nchw, the stage's code before Batch)
     batch     heygem.batch.Batch: reused buffers, results written in place
 
-each in a process as spawned (glibc malloc defaults) and after heygem.stages.tune_process (the
+each in a process as spawned (glibc malloc defaults) and after heygem.tuning.tune_process (the
 stage processes' tuning), with the demo generator in between. Reports per batch of 4 crops:
 wall, user and kernel CPU, and minor page faults.
 
@@ -33,7 +33,7 @@ from heygem.providers import open_session
 
 way, tuned, model, batches = sys.argv[1], sys.argv[2] == "tuned", sys.argv[3], int(sys.argv[4])
 if tuned:
-    from heygem.stages import tune_process
+    from heygem.tuning import tune_process
     tune_process()
 session, _ = open_session(model, "cpu", threads=1, spinning=False)
 rng = np.random.default_rng(0)

@@ -9,10 +9,11 @@ Writers (stage processes)::
 
     board = Board.attach("heygem-board")           # or receive a Board through Process(args=...)
     row = board.row(replica=0, stage="generate")
-    row.start()                                    # pid, state "starting", heartbeat
+    row.start()                                    # pid, state "starting", counters at 0, heartbeat
     row.set_state("idle"); row.beat()              # waiting for input, still alive
     row.took(4); row.set_job(17); row.set_state("busy")
-    row.gave(4)                                    # items out, progress time, heartbeat
+    row.gave(3)                                    # items out, progress time, heartbeat
+    row.drop(1)                                    # items out and dropped (its job failed), heartbeat
     row.set_depth(out_queue.qsize())               # items waiting downstream of this stage
 
 Readers (the daemon, `heygem-ops monitor`)::
@@ -21,19 +22,25 @@ Readers (the daemon, `heygem-ops monitor`)::
         for r in board.snapshot(): ...             # one dict per row, see `FIELDS`
 
 Row fields (`FIELDS`): `pid`, `state` (a name from `STAGE_STATES`), `heartbeat` (last sign of
-life, epoch seconds), `items_in` / `items_out` (monotonic counters of items taken / handed on),
-`progress_at` (when `items_out` last grew), `depth` (the stage's output queue depth as the writer
-last saw it), `job` (current job id or None). A stall is a row whose `progress_at` is old while it
-has input (`items_in > items_out`, or upstream depth > 0) and whose state is not "backpressure":
-a stage blocked on a full downstream queue is waiting, not stalled; the stage downstream is the
-one to look at. The rules live in the daemon; the board only records.
+life, epoch seconds), `items_in` (items taken), `items_out` (items that left the stage: handed on
+or dropped), `dropped` (the part of `items_out` let go without being handed on, because its job
+failed or was cancelled or the stage was stopping), `progress_at` (when an item was last handed
+on: a drop is not progress), `depth` (the stage's output queue depth as the writer last saw it),
+`job` (current job id or None). The three counters only grow while the stage process lives, and
+`start()` sets them to 0 for a new one. `items_in - items_out` is what the stage holds right now,
+so a stage that failed a job and let go of its frames holds nothing; `items_out - dropped` is the
+work handed on. A stall is a row whose `progress_at` is old while it has input (`items_in >
+items_out`, or upstream depth > 0) and whose state is not "backpressure": a stage blocked on a
+full downstream queue is waiting, not stalled; the stage downstream is the one to look at. The
+rules live in the daemon; the board only records.
 
 Consistency model: every field is one naturally aligned 8-byte word written with a single store,
 and each row has exactly one writer (its stage process), so a reader never sees a torn value and
-counters never go backwards. A snapshot is not atomic across fields or rows: `items_in` may be
-one update ahead of `items_out`. Freshness is judged by `heartbeat`, never by consistency.
+counters never go backwards within one stage process. A snapshot is not atomic across fields or
+rows: `items_in` may be one update ahead of `items_out`. Freshness is judged by `heartbeat`, never
+by consistency.
 
-Layout (version 1, little-endian, all offsets multiples of 8)::
+Layout (version 2, little-endian, all offsets multiples of 8; version 1 had no `dropped`)::
 
     header  magic b"HGBOARD1" | version u32 | replicas u32 | stages u32 | name_size u32
             | created f64 | creator pid i64 | stage names, name_size bytes each, NUL padded
@@ -61,9 +68,9 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Optional, Union
 
 MAGIC = b"HGBOARD1"
-VERSION = 1
+VERSION = 2
 NAME_SIZE = 32
-FIELDS = ("pid", "state", "heartbeat", "items_in", "items_out", "progress_at", "depth", "job")
+FIELDS = ("pid", "state", "heartbeat", "items_in", "items_out", "dropped", "progress_at", "depth", "job")
 _FLOATS = frozenset({"heartbeat", "progress_at"})
 STAGE_STATES = ("absent", "starting", "idle", "busy", "backpressure", "stopped", "failed")
 _HEADER = struct.Struct("<8sIIIIdq")  # magic, version, replicas, stages, name_size, created, pid
@@ -120,8 +127,19 @@ class Row:
         return self._board._f[i] if field in _FLOATS else self._board._q[i]
 
     def start(self, pid: Optional[int] = None, now: Optional[float] = None) -> None:
-        """Claim the row for this process: pid, state "starting", no job, a first heartbeat."""
+        """Claim the row for this process: pid, then as `reset`. What a previous process of the
+        stage left (items it held when it was killed) is not this one's."""
         self._set("pid", os.getpid() if pid is None else pid)
+        self.reset(now)
+
+    def reset(self, now: Optional[float] = None) -> None:
+        """Counters at 0, no progress yet, no job, depth 0, state "starting", a heartbeat.
+
+        `items_in` goes first, so a reader in between sees a row that holds nothing rather than
+        one holding the previous process's items."""
+        for field in ("items_in", "items_out", "dropped", "depth"):
+            self._set(field, 0)
+        self._set("progress_at", 0.0)
         self._set("job", _NO_JOB)
         self.set_state("starting", now)
 
@@ -144,6 +162,14 @@ class Row:
         self._set("items_out", self._get("items_out") + n)
         self._set("progress_at", now)
         self._set("heartbeat", now)
+
+    def drop(self, n: int = 1, now: Optional[float] = None) -> None:
+        """Let go of `n` taken items without handing them on (their job failed or was cancelled,
+        or the stage is stopping): they leave the stage (`items_out`) as `dropped`. Not progress;
+        a heartbeat. `dropped` goes first, so `items_out - dropped` never overstates the work."""
+        self._set("dropped", self._get("dropped") + n)
+        self._set("items_out", self._get("items_out") + n)
+        self.beat(now)
 
     def set_job(self, job_id: Optional[int]) -> None:
         self._set("job", _NO_JOB if job_id is None else job_id)

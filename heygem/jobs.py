@@ -25,9 +25,14 @@ cancelled) they raise `LeaseLost`: the worker must drop the job and clean up, ne
 That is what makes "never completed twice" hold. Workers poll `cancelled(job_id)` between batches
 to stop early.
 
-Progress follows upstream's milestones (`MILESTONES`: 0 queued, 10 inputs normalised, 20 features
-and face track ready, 90 frames generated, 100 done); between 20 and 90 a worker may report the
-share of frames done. Progress of one claim never goes down.
+Progress (percent) and stage, as the replica's stages report them: 0 `queued` / `claimed`, 10
+`features` (inputs read, audio features under way), 20 `frames` (frames flowing; from 20 to 89
+the share of frames encoded), 90 `mux`, 100 `done`. Progress of one claim never goes down.
+
+Every name in a job's `output` path (the file's, and each folder's) must fit `NAME_MAX` bytes, the
+file-name limit of Linux file systems, counted in bytes, not characters (a CJK character is 3
+bytes in UTF-8): `submit` refuses a longer one (`OutputNameTooLong`) rather than let the job fail
+when the encoder opens the file.
 
 Times are `time.time()` seconds unless a `now` is passed (tests drive a pure clock).
 """
@@ -56,7 +61,8 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     ("running", "cancel"): "cancelled",
 }
 
-MILESTONES = {"queued": 0, "normalised": 10, "features": 20, "generated": 90, "done": 100}
+# Bytes in one file name (NAME_MAX of ext4, xfs, btrfs, tmpfs and most Linux file systems).
+NAME_MAX = 255
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -99,6 +105,24 @@ class DuplicateCode(JobError):
 
 class LeaseLost(JobError):
     """The worker no longer holds the job: it must drop it without reporting a result."""
+
+
+class OutputNameTooLong(JobError, ValueError):
+    """A name in the output's path is over `NAME_MAX` bytes: no file system here could create it."""
+
+
+def check_output_name(output: Union[str, Path]) -> None:
+    """`OutputNameTooLong` if the file name of `output`, or a folder name on its path, does not
+    fit `NAME_MAX` bytes."""
+    path = Path(output)
+    for part in (path.name, *path.parent.parts):
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            what = "its file name" if part == path.name else f"the folder name {part[:16]}..."
+            raise OutputNameTooLong(
+                f"output {output}: {what} is {size} bytes ({len(part)} characters); a file name holds at most"
+                f" {NAME_MAX} bytes"
+            )
 
 
 def transition(state: str, event: str) -> str:
@@ -232,9 +256,13 @@ class JobStore:
         self, audio: str, video: str, output: Optional[str] = None, code: Optional[str] = None,
         *, now: Optional[float] = None,
     ) -> Job:
-        """Queue a job; it is committed to disk when this returns. `code` defaults to a UUID."""
+        """Queue a job; it is committed to disk when this returns. `code` defaults to a UUID.
+
+        `OutputNameTooLong` when `output`'s file name does not fit `NAME_MAX` bytes."""
         if not audio or not video:
             raise ValueError("a job needs both an audio and a video")
+        if output is not None:
+            check_output_name(output)
         now = time.time() if now is None else now
         code = code or uuid.uuid4().hex
         try:

@@ -24,10 +24,14 @@ Consumer stage::
     ref = get_bounded(in_q, timeout=1.0, should_stop=stop.is_set)   # None: nothing yet / stop
     use(ring.view(ref.slot, ref.shape)); ring.release(ref.slot)
 
-Failed or cancelled job: its frames may sit in any slot of any stage. `release_all_of(job_id)`
-frees every slot the job holds (each slot records its job id), so the next job starts with a full
-ring; stages drop queued `FrameRef`s of a job that is no longer theirs without releasing (the
-slot was already freed). Slots are a counted resource (`BoundedSemaphore` = free slots, a lock
+Failed or cancelled job: its frames may sit in any slot of any stage, and in the queues between
+them. A slot belongs to whoever holds its `FrameRef`: each stage that takes one of the job's refs
+(from its input queue, or its own batch) releases that slot as it drops the ref, so the job's
+slots come back one by one as its refs reach a stage, and the next job starts with a full ring.
+No stage frees slots it does not hold: a slot freed early could be acquired for another job while
+a stale ref to it still travels. A stage process that dies holding slots takes them out of
+service (each slot records its job id: `in_use()` shows them); the replica is then restarted with
+a fresh ring. Slots are a counted resource (`BoundedSemaphore` = free slots, a lock
 guards the owner table in the segment). Every lock and semaphore wait has a timeout; the lock is
 held for a few array reads and writes only. If a process is killed inside that window the lock
 stays taken: `acquire`/`release` then raise `RingError` after `LOCK_TIMEOUT_S`, and the replica
@@ -183,15 +187,6 @@ class FrameRing:
                 raise RingError(f"ring {self.name}: slot {slot} is not held")
             self._owners[slot] = FREE
         self._free.release()
-
-    def release_all_of(self, job: int) -> int:
-        """Free every slot `job` holds (a failed or cancelled job's leftovers); returns how many."""
-        with self._locked():
-            held = np.flatnonzero(self._owners == job)
-            self._owners[held] = FREE
-        for _ in held:
-            self._free.release()
-        return len(held)
 
     def in_use(self) -> dict[int, int]:
         """Held slots and their job ids (a consistent copy, taken under the lock)."""

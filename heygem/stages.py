@@ -12,6 +12,12 @@ Rules every loop follows:
 - Every wait is bounded (`bounded`, `get_bounded`, `put_bounded`) and re-checks `stop` and the
   job's abort flag between slices; each slice also beats the stage's board row.
 - A slot belongs to whoever holds its `FrameMsg`; a stage that drops a message releases it.
+- Every frame a stage takes leaves its hands once, counted on its board row: handed on
+  (`row.gave`) or dropped (`row.drop`: its job failed or was cancelled, or the stage is
+  stopping). So a stage that holds nothing shows `items_in == items_out`, and a failed job
+  leaves no "items in hand" behind for the watchdog's stall rule to find. A `FrameMsg` a stage
+  gets from its input queue is taken (`row.took`) as soon as it arrives, even if it is dropped
+  at once; decode takes a frame when it has a ring slot for it.
 - Errors travel: the stage that fails a job marks it failed in the store with its reason and
   adds it to `aborts`; every stage then drops that job's messages. `decode` always closes a job
   with `JobEnd`, so the stages downstream know when the job's messages end.
@@ -21,20 +27,23 @@ Rules every loop follows:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import Iterable, NamedTuple, Optional, Union
 
 import numpy as np
 
-from heygem import logs
+from heygem import failpoints, logs
 from heygem.board import Board
-from heygem.jobs import JobError, JobStore
+from heygem.channels import Channels, release_queues
+from heygem.jobs import NAME_MAX, JobError, JobStore
 from heygem.ring import FrameRef, FrameRing, get_bounded, put_bounded
+from heygem.tuning import HELPER_NICE, tune_process
 
 STAGES = ("decode", "generate", "encode")
 CROP = 256
@@ -45,6 +54,9 @@ CANCEL_CHECK_S = 0.5
 # An idle decode asks the store for a job this often: a new job waits 25 ms on average, for
 # about 20 empty read transactions a second per replica.
 CLAIM_POLL_S = 0.05
+# heygem.video names its own temp file after the file it is given, adding "." + "." + pid (at
+# most 7 digits on Linux) + ".partial" (".mux" for the muxer): the most a name grows there.
+WRITER_ROOM = len("." + ".4194304" + ".partial")
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,7 @@ class StageSpec:
 
 class JobStart(NamedTuple):
     job: int
+    code: str  # the job's client code (failpoints may name it)
     fps: float
     size: tuple  # (width, height)
     frames: int
@@ -111,75 +124,6 @@ def views(ring: FrameRing, slot: int, height: int, width: int) -> SlotViews:
     )
 
 
-class Aborts:
-    """The ids of recently failed or cancelled jobs, shared by a replica's stages.
-
-    A small ring of int64 in shared memory; each write is one aligned word, so readers need no
-    lock. Eight entries are plenty: a stage only needs to recognise the jobs still in flight.
-    """
-
-    SIZE = 8
-
-    def __init__(self, ctx):
-        self._ids = ctx.Array("q", [-1] * (self.SIZE + 1), lock=False)  # last word: next index
-        self._lock = ctx.Lock()
-
-    def add(self, job: int) -> None:
-        if job in self:
-            return
-        if not self._lock.acquire(timeout=5.0):
-            raise RuntimeError("abort list lock held for 5 s")
-        try:
-            i = self._ids[self.SIZE]
-            self._ids[i % self.SIZE] = job
-            self._ids[self.SIZE] = (i + 1) % self.SIZE
-        finally:
-            self._lock.release()
-
-    def __contains__(self, job: int) -> bool:
-        return job in self._ids[: self.SIZE]
-
-
-class Flag:
-    """A process-shared boolean that can never wedge its setter.
-
-    `multiprocessing.Event` is built on a Condition: `set()` waits, without a timeout, for each
-    sleeping waiter to wake, so a stage killed inside `Event.wait()` makes the supervisor's
-    `stop.set()` hang forever, and one killed inside `is_set()` leaves its lock taken. One
-    shared byte, written and read without a lock, has neither failure; `wait` polls it.
-    """
-
-    def __init__(self, ctx):
-        self._value = ctx.RawValue("b", 0)
-
-    def set(self) -> None:
-        self._value.value = 1
-
-    def is_set(self) -> bool:
-        return bool(self._value.value)
-
-    def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(POLL_S / 2, left))
-        return True
-
-
-class Channels(NamedTuple):
-    """The replica's shared plumbing, handed to each stage process at spawn."""
-
-    ring: FrameRing
-    to_generate: object  # multiprocessing queue
-    to_encode: object
-    events: object  # stage -> supervisor: ("session" | "ready" | "fatal" | "job", stage, payload)
-    stop: Flag  # leave the loop now
-    drain: Flag  # take no new job, finish the current one
-    aborts: Aborts
-
-
 class Stage:
     """Shared behaviour of the three stage loops: board row, bounded queue I/O, job failure."""
 
@@ -196,6 +140,7 @@ class Stage:
         self.parent = spec.supervisor or os.getppid()
         self._renewed = 0.0
         self._checked = 0.0
+        self.failpoints = failpoints.Failpoints()  # loaded in run(): a bad value is a fatal error
 
     # -- loop helpers -------------------------------------------------------------------------
     def stopping(self) -> bool:
@@ -262,6 +207,12 @@ class Stage:
     def release(self, msg: FrameMsg) -> None:
         self.ch.ring.release(msg.ref.slot)
 
+    def drop(self, msgs: Iterable[FrameMsg]) -> None:
+        """Let go of taken frames that will not be handed on: free their slots, count them dropped."""
+        for msg in msgs:
+            self.release(msg)
+            self.row.drop(1)
+
     def open(self, role: str, threads: Optional[int] = 1):
         """A verified session for `role`, reported to the supervisor. Stage processes share the
         cores, so pools do not spin, and only the generator (the heavy model) gets more threads."""
@@ -285,6 +236,7 @@ class Stage:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
         self.row.start()
         try:
+            self.failpoints = failpoints.load(self.name, STAGES)
             self.setup()
             self.event("ready")
             self.row.set_state("idle")
@@ -367,20 +319,28 @@ class Decode(Stage):
                 box = self.face_box(job, frame, index)
             crop, placement = face.crop(frame, box)
             if i == 0:
-                start = JobStart(job.id, info.fps, (info.width, info.height), len(plan), job.audio, output, crop)
+                start = JobStart(job.id, job.code, info.fps, (info.width, info.height), len(plan), job.audio, output,
+                                 crop)
                 if not self.put(self.ch.to_generate, start, job.id):
                     break
             slot = self.acquire(job.id)
             if slot is None:
                 break
-            part = views(self.ch.ring, slot, info.height, info.width)
-            part.frame[:] = frame
-            part.crop[:] = crop
-            part.features[:] = feats[i]
             msg = FrameMsg(FrameRef(slot, job.id, i, frame.shape), placement)
             self.row.took(1)
-            if not self.put(self.ch.to_generate, msg, job.id):
-                self.release(msg)
+            try:
+                part = views(self.ch.ring, slot, info.height, info.width)
+                part.frame[:] = frame
+                part.crop[:] = crop
+                part.features[:] = feats[i]
+                if self.failpoints:
+                    self.failpoints.check(job.code, i, len(plan))
+                handed = self.put(self.ch.to_generate, msg, job.id)
+            except BaseException:
+                self.drop([msg])
+                raise
+            if not handed:
+                self.drop([msg])
                 break
             self.row.gave(1)
             self.row.set_state("busy")
@@ -424,7 +384,7 @@ class Generate(Stage):
 
         self.session = self.open("generator", threads=self.spec.threads)
         self.buffers = Batch(self.spec.batch_size)
-        self.reference_of: Optional[int] = None  # the job whose reference crop the buffers hold
+        self.started: Optional[JobStart] = None  # the job whose reference crop the buffers hold
 
     def loop(self) -> None:
         batch: list[FrameMsg] = []
@@ -435,10 +395,10 @@ class Generate(Stage):
                 self.row.set_state("idle")
                 continue
             if isinstance(msg, FrameMsg):
-                if self.gone(msg.ref.job):
-                    self.release(msg)
-                    continue
                 self.row.took(1)
+                if self.gone(msg.ref.job):
+                    self.drop([msg])
+                    continue
                 batch.append(msg)
                 if len(batch) >= self.spec.batch_size:
                     batch = self.flush(batch)
@@ -446,42 +406,48 @@ class Generate(Stage):
             batch = self.flush(batch)
             if isinstance(msg, JobStart):
                 self.buffers.set_reference(msg.reference)
-                self.reference_of = msg.job
+                self.started = msg
                 self.row.set_job(msg.job)
             elif isinstance(msg, JobEnd):
                 self.row.set_job(None)
             self.put(self.ch.to_encode, msg)
-        for msg in batch:
-            self.release(msg)
+        self.drop(batch)  # stopping
 
     def flush(self, batch: list[FrameMsg]) -> list[FrameMsg]:
         """Generate the batch's crops and hand them on; returns the (empty) new batch."""
         from heygem.models import infer
 
-        for m in [m for m in batch if m.ref.job in self.ch.aborts]:
-            self.release(m)
-            batch.remove(m)
+        aborted = [m.ref.job in self.ch.aborts for m in batch]  # one look: another stage may add a job
+        self.drop([m for m, gone in zip(batch, aborted) if gone])
+        batch = [m for m, gone in zip(batch, aborted) if not gone]
         if not batch:
             return []
         job = batch[0].ref.job
         self.row.set_state("busy")
         try:
             h, w = batch[0].ref.shape[:2]
-            if job != self.reference_of:
+            start = self.started
+            if start is None or job != start.job:
                 raise RuntimeError(f"frames of job {job} arrived without the job's start")
+            if self.failpoints:
+                for m in batch:
+                    self.failpoints.check(start.code, m.ref.index, start.frames)
             parts = [views(self.ch.ring, m.ref.slot, h, w) for m in batch]
             crops = [p.crop for p in parts]
             out = infer(self.session, "generator", self.buffers.inputs(crops, [p.features for p in parts]))
             self.buffers.outputs(out, crops)
         except Exception as err:
-            for m in batch:
-                self.release(m)
+            self.drop(batch)
             self.fail(job, _reason(err))
             return []
         for i, m in enumerate(batch):
-            if not self.put(self.ch.to_encode, m, job):
-                for rest in batch[i:]:
-                    self.release(rest)
+            try:
+                handed = self.put(self.ch.to_encode, m, job)
+            except BaseException:
+                self.drop(batch[i:])
+                raise
+            if not handed:
+                self.drop(batch[i:])
                 break
             self.row.gave(1)
         return []
@@ -505,7 +471,7 @@ class Encode(Stage):
                 continue
             try:
                 self.handle(msg)
-            except Exception as err:  # handle() has released the message's slot already
+            except Exception as err:  # handle() has let go of the message's slot already
                 self.abort_writer()
                 self.fail(msg.ref.job if isinstance(msg, FrameMsg) else msg.job, _reason(err))
         self.abort_writer()
@@ -518,22 +484,29 @@ class Encode(Stage):
             self.start = msg
             self.row.set_job(msg.job)
             video.make_output_folder(msg.output)
-            silent = Path(msg.output).with_name(f".{Path(msg.output).stem}.video.mp4")
-            self.writer = video.VideoWriter(silent, msg.fps, msg.size)
+            self.writer = video.VideoWriter(temp_path(Path(msg.output), "video"), msg.fps, msg.size)
             return
         if isinstance(msg, FrameMsg):
             job = msg.ref.job
+            self.row.took(1)
+            written = False
             try:
-                if self.gone(job) or self.start is None or self.start.job != job:
-                    return
-                self.row.took(1)
+                start = self.start
+                if self.gone(job) or self.writer is None or start is None or start.job != job:
+                    return  # a failed or cancelled job's frame: dropped
                 self.row.set_state("busy")
+                if self.failpoints:
+                    self.failpoints.check(start.code, msg.ref.index, start.frames)
                 h, w = msg.ref.shape[:2]
                 part = views(self.ch.ring, msg.ref.slot, h, w)
                 self.writer.write(face.paste(part.frame, part.crop, msg.placement))
+                written = True
             finally:
                 self.release(msg)
-            self.row.gave(1)
+                if written:
+                    self.row.gave(1)
+                else:
+                    self.row.drop(1)
             self.renew(job)
             self.report(job)
             return
@@ -563,7 +536,7 @@ class Encode(Stage):
             return
         self.store.progress(end.job, self.spec.worker, 90, "mux")
         final = Path(start.output)
-        staged = final.with_name(f".{final.stem}.done{final.suffix or '.mp4'}")
+        staged = temp_path(final, "done")
         muxed = video.mux(writer.close(), start.audio, staged)
         try:  # the job may have been cancelled or handed elsewhere meanwhile: then no output
             self.store.renew(end.job, self.spec.worker, self.spec.lease_s)
@@ -581,19 +554,21 @@ class Encode(Stage):
             self.writer = None
 
 
-def release_queues(ch: Channels, orphaned: bool) -> None:
-    """Let the stage process exit without waiting for its queues' readers.
+def temp_path(final: Path, tag: str) -> Path:
+    """A hidden sibling of `final` for encode's intermediate files: `.<stem>.<tag><suffix>`.
 
-    At exit, multiprocessing joins each queue's feeder thread, which blocks for good writing a
-    message larger than the pipe's buffer (a JobStart carries a 196 KB crop) to a stage that
-    has already left: after its supervisor was SIGKILLed, a stage then outlived it forever.
-    Frames in flight are abandoned on stop anyway. Events still go out to a living supervisor
-    (a fatal event carries the reason), and are dropped only when it is gone.
+    Short enough that heygem.video's own temp name for it (WRITER_ROOM bytes more) still fits a
+    file name, so an output whose name fits NAME_MAX bytes (the store refuses longer ones) never
+    fails on a name the pipeline made up. A stem too long for that is cut on a character
+    boundary and ends in a hash of the whole name, so long names sharing a prefix do not collide.
     """
-    for q in (ch.to_generate, ch.to_encode):
-        q.cancel_join_thread()
-    if orphaned:
-        ch.events.cancel_join_thread()
+    suffix = final.suffix or ".mp4"
+    room = NAME_MAX - WRITER_ROOM - len(os.fsencode(f".{tag}{suffix}")) - 1  # bytes left for the stem
+    stem = final.stem
+    if len(os.fsencode(stem)) > room:
+        digest = "~" + hashlib.sha256(os.fsencode(final.name)).hexdigest()[:12]
+        stem = os.fsencode(stem)[: room - len(digest)].decode("utf-8", "ignore") + digest
+    return final.with_name(f".{stem}.{tag}{suffix}")
 
 
 def _reason(err: BaseException) -> str:
@@ -603,44 +578,6 @@ def _reason(err: BaseException) -> str:
 
 
 KINDS = {cls.name: cls for cls in (Decode, Generate, Encode)}
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-HEAP_KEEP_BYTES = 64 << 20
-
-
-def tune_process() -> None:
-    """Settings for a stage's hot loop, applied in each stage process (and in the benchmarks'
-    single-process baselines, so they compare like with like).
-
-    - OpenCV's thread pool goes to 1: a replica's parallelism is its three stage processes (and
-      the generator's ONNX Runtime pool); a pool per process sized to every core oversubscribes
-      them, and each parallel loop then waits on its slowest, preempted, thread.
-    - glibc malloc keeps blocks below 64 MiB on the heap and lets 64 MiB of free heap stay
-      mapped. Frames and batches are megabytes, allocated and freed at video rate; by default
-      glibc hands freed ones back to the kernel and the next use page-faults fresh zeroed pages:
-      measured 3,400 faults and 11 ms of kernel time per batch of four crops, about the demo
-      generator's own compute (benchmarks/bench_conversions.py). Not glibc (musl): left as is.
-    """
-    import ctypes
-
-    import cv2
-
-    cv2.setNumThreads(1)
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, HEAP_KEEP_BYTES)
-    mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES)
-
-
-# Decode and encode run this much nicer than generate. The generator is the bottleneck (the
-# stage that feeds the GPU): a time slice it loses is throughput lost, while the other two have
-# the ring's slots as slack. On a busy CPU the scheduler then serves generate first (measured on
-# 2 cores, generator-bound: +5 % to +15 % fps, BENCHMARKS.md).
-HELPER_NICE = 5
 
 
 def main(stage: str, spec: StageSpec, ch: Channels, log_json: bool = True, log_level: str = "info") -> None:

@@ -74,13 +74,13 @@ def submit(env, audio: Path, video: Path, output: Optional[Path], code: Optional
       heygem-ops submit speech.wav face.mp4 --wait
       heygem-ops submit speech.wav face.mp4 --out /data/out/42.mp4 --code task-42 --json
     """
-    from heygem.jobs import DuplicateCode
+    from heygem.jobs import DuplicateCode, OutputNameTooLong
 
     if output is not None and not output.parent.is_dir():
         _fail(f"--out {output}: folder {output.parent} does not exist")
     try:
         job = _store(env).submit(str(audio), str(video), None if output is None else str(output), code)
-    except DuplicateCode as err:
+    except (DuplicateCode, OutputNameTooLong) as err:
         _fail(str(err))
     if not _daemon_running(env):
         click.echo(f"warning: job {job.id} is queued, but no heygem-ops daemon is running: it starts when one "

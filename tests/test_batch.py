@@ -62,7 +62,7 @@ FAULTS = """
 import resource, sys
 import numpy as np
 if sys.argv[1] == "tuned":
-    from heygem.stages import tune_process
+    from heygem.tuning import tune_process
     tune_process()
     import cv2
     assert cv2.getNumThreads() == 1

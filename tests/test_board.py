@@ -34,6 +34,7 @@ def _stage(board: Board, replica: int, stage: str) -> None:
     row.set_job(42)
     row.set_state("busy", now=11.0)
     row.gave(5, now=12.0)
+    row.drop(2, now=13.0)
     row.set_depth(3)
     board.close()
 
@@ -47,8 +48,8 @@ def test_spawned_stage_writes_parent_reads(board):
     rows = {(r["replica"], r["stage"]): r for r in board.snapshot()}
     assert len(rows) == 8
     assert rows[(1, "generate")] == {
-        "replica": 1, "stage": "generate", "pid": child.pid, "state": "busy", "heartbeat": 12.0,
-        "items_in": 8, "items_out": 5, "progress_at": 12.0, "depth": 3, "job": 42,
+        "replica": 1, "stage": "generate", "pid": child.pid, "state": "busy", "heartbeat": 13.0,
+        "items_in": 8, "items_out": 7, "dropped": 2, "progress_at": 12.0, "depth": 3, "job": 42,
     }
     untouched = rows[(0, "decode")]
     assert (untouched["state"], untouched["job"], untouched["items_out"], untouched["heartbeat"]) == ("absent", None, 0, 0.0)
@@ -81,7 +82,7 @@ def test_attach_errors_name_the_problem(board):
         Board.create(board.name, replicas=1, stages=["x"])
     other = SharedMemory(name=f"heygem_test_notboard_{secrets.token_hex(4)}", create=True, size=4096)
     try:
-        with pytest.raises(BoardError, match="is not a version 1 stage board"):
+        with pytest.raises(BoardError, match="is not a version 2 stage board"):
             Board.attach(other.name)
     finally:
         other.close()
@@ -106,3 +107,34 @@ def test_fields_are_8_byte_words(board):
     got = row.read()
     assert (got["items_in"], got["progress_at"]) == (2**40, 1234567890.123456)
     assert set(got) == set(FIELDS)
+
+
+def test_dropped_items_leave_the_stage_without_progress(board):
+    """A failed job's frames: taken, then let go. They leave the stage's hands (items_out), are
+    visible as dropped, and are not progress: the stage holds nothing afterwards."""
+    row = board.row(0, "generate")
+    row.start(now=1.0)
+    row.took(4)
+    row.gave(1, now=2.0)
+    row.drop(3, now=3.0)
+    got = row.read()
+    assert (got["items_in"], got["items_out"], got["dropped"]) == (4, 4, 3)
+    assert (got["progress_at"], got["heartbeat"]) == (2.0, 3.0)
+
+
+def test_start_begins_with_clean_counters(board):
+    """A stage killed with items in hand must not pass them on to its next process."""
+    row = board.row(1, "encode")
+    row.start(pid=100, now=1.0)
+    row.took(9)
+    row.gave(2, now=2.0)
+    row.drop(1)
+    row.set_depth(4)
+    row.set_job(7)
+    row.start(pid=200, now=5.0)
+    got = row.read()
+    assert {k: got[k] for k in ("pid", "state", "heartbeat", "items_in", "items_out", "dropped", "progress_at",
+                                "depth", "job")} == {
+        "pid": 200, "state": "starting", "heartbeat": 5.0, "items_in": 0, "items_out": 0, "dropped": 0,
+        "progress_at": 0.0, "depth": 0, "job": None,
+    }

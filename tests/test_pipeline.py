@@ -113,7 +113,7 @@ def test_jobs_produce_playable_videos_of_the_audio_length(pipeline, inputs, tmp_
 
 def test_generate_runs_before_its_helpers_on_a_busy_cpu(pipeline):
     """The bottleneck gets the CPU first: decode and encode run HELPER_NICE nicer."""
-    from heygem.stages import HELPER_NICE
+    from heygem.tuning import HELPER_NICE
 
     [replica] = pipeline.replicas
     nice = {stage: psutil.Process(pid).nice() for stage, pid in replica.pids().items()}
@@ -289,7 +289,7 @@ def test_cpu_generator_threads_are_configured_or_the_cores_shared(tmp_path):
 
 EXIT_WITH_UNREAD = """
 import multiprocessing, sys, types
-from heygem.stages import release_queues
+from heygem.channels import release_queues
 ctx = multiprocessing.get_context("spawn")
 ch = types.SimpleNamespace(to_generate=ctx.Queue(4), to_encode=ctx.Queue(4), events=ctx.Queue())
 ch.to_generate.put(b"x" * 300_000)  # a JobStart-sized message; its reader has left
