@@ -36,6 +36,16 @@ MIN_PEAK_DBFS = -60.0
 MIN_AUDIO_S = 0.2
 MAX_AUDIO_TO_VIDEO = 10.0
 FFMPEG_TIMEOUT_S = 300.0
+# ffmpeg reads an input as exactly one local file: only the file protocol, and only container
+# formats that cannot refer to other files (no HLS/DASH playlists, no concat lists, no image
+# sequences), so an input cannot make ffmpeg read files outside the folders it was checked
+# against. `mov` covers mp4/m4a/3gp, `matroska` covers mkv/mka/webm.
+AUDIO_FORMATS = "wav,w64,mp3,aac,flac,ogg,mov,matroska,aiff,caf,amr,au,wv,ac3,eac3,asf,avi,mpegts"
+
+
+def ffmpeg_input(path: Union[str, Path], formats: str = AUDIO_FORMATS) -> list[str]:
+    """ffmpeg arguments that open `path` as one local file of one of `formats` (an `-i` and its options)."""
+    return ["-protocol_whitelist", "file", "-format_whitelist", formats, "-i", f"file:{path}"]
 
 
 class AudioError(ValueError):
@@ -102,7 +112,7 @@ def _read_wav(path: Path) -> tuple[np.ndarray, int]:
 
 
 def _read_ffmpeg(ffmpeg: str, path: Path, sr: int) -> tuple[np.ndarray, int]:
-    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-f", "s16le", "-ac", "1", "-ar", str(sr), "-"]
+    cmd = [ffmpeg, "-nostdin", "-v", "error", *ffmpeg_input(path), "-vn", "-f", "s16le", "-ac", "1", "-ar", str(sr), "-"]
     try:
         done = subprocess.run(cmd, capture_output=True, timeout=FFMPEG_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:

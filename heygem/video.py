@@ -23,6 +23,12 @@ MIN_SIDE = 16
 MAX_FPS = 240.0
 CACHE_BYTES = 256 << 20
 MUX_TIMEOUT_S = 600.0
+# OpenCV's FFmpeg backend reads an input as exactly one local file, like heygem.audio's ffmpeg:
+# the file protocol only, and containers that cannot refer to other files (an HLS playlist would
+# otherwise make it read any video on the host). OpenCV reads this variable at every open.
+VIDEO_FORMATS = "mov,matroska,avi,flv,mpegts,mpeg,asf,m4v,h264,hevc"
+_CAPTURE_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+_CAPTURE_OPTIONS = f"protocol_whitelist;file|format_whitelist;{VIDEO_FORMATS}"
 
 
 class VideoError(ValueError):
@@ -50,7 +56,9 @@ def _open(path: Path):
         raise VideoError(f"{path}: not a file")
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file")
-    cap = cv2.VideoCapture(str(path))
+    if os.environ.get(_CAPTURE_ENV) != _CAPTURE_OPTIONS:
+        os.environ[_CAPTURE_ENV] = _CAPTURE_OPTIONS
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     if not cap.isOpened():
         cap.release()
         raise VideoError(f"{path}: not a video OpenCV can open")
@@ -241,6 +249,8 @@ def mux(video: Union[str, Path], audio: Union[str, Path], out: Union[str, Path],
     returned, for the caller to report; the job still has its frames. `video` is consumed
     either way. ffmpeg writes to a temp name first, so `out` is never half-written.
     """
+    from heygem.audio import ffmpeg_input
+
     video, audio, out = Path(video), Path(audio), Path(out)
     ffmpeg: Optional[str] = shutil.which("ffmpeg")
     if ffmpeg is None:
@@ -248,7 +258,7 @@ def mux(video: Union[str, Path], audio: Union[str, Path], out: Union[str, Path],
         return False
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.mux{out.suffix or '.mp4'}")
     cmd = [
-        ffmpeg, "-nostdin", "-v", "error", "-y", "-i", str(video), "-i", str(audio),
+        ffmpeg, "-nostdin", "-v", "error", "-y", *ffmpeg_input(video, VIDEO_FORMATS), *ffmpeg_input(audio),
         "-map", "0:v:0", "-map", "1:a:0", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "20",
         "-c:a", "aac", "-b:a", "128k", "-shortest", str(tmp),
     ]

@@ -5,17 +5,24 @@ heygem-ops of the environment the operator really installed, and a --user unit m
 what a user manager cannot apply. This command renders it, writes one file, and prints the
 systemctl commands to run; it never runs systemctl itself, so the result can be reviewed first
 (--dry-run) and packagers can render into any directory (--unit-dir).
+
+With a data folder (`[daemon] data_dir`, or --data-dir), the folder upstream's desktop client
+shares with the service (in a home directory, which the shipped unit hides), the system unit is
+rendered to run as that folder's owner with only that folder of the home directories visible:
+see `share_data_dir`.
 """
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import click
 
@@ -45,6 +52,8 @@ USER_DROPS = {
 }
 # Characters systemd would interpret in an ExecStart path even inside quotes.
 _UNSAFE_PATH = re.compile(r'["\\$\x00-\x1f\x7f]')
+# What ProtectHome= hides: a data folder or input root under one of these must be bound back in.
+HIDDEN_HOMES = ("/home", "/root", "/run/user")
 
 
 def unit_path(path: Path) -> str:
@@ -54,6 +63,78 @@ def unit_path(path: Path) -> str:
         raise ValueError(f"cannot be written into a unit file (must be absolute, no quotes, backslashes, '$' or control characters): {text!r}")
     text = text.replace("%", "%%")
     return f'"{text}"' if re.search(r"\s", text) else text
+
+
+def bind_path(path: Path) -> str:
+    """`path` written for BindPaths=/BindReadOnlyPaths=, where ':' would separate source and target."""
+    if ":" in str(path):
+        raise ValueError(f"cannot be bound into the service (BindPaths= splits at ':'): {str(path)!r}")
+    return unit_path(path)
+
+
+def hidden_by_protect_home(path: Path) -> bool:
+    return any(Path(path).is_relative_to(home) for home in HIDDEN_HOMES)
+
+
+def data_dir_owner(path: Path) -> tuple[str, str]:
+    """(user, primary group) owning the data folder, whom the service then runs as.
+
+    Raises ValueError when it does not exist, is not a folder, or belongs to root."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ValueError(f"data folder {path} does not exist; start the desktop client once (it creates it) "
+                         "or create it as the user who runs the client") from None
+    if not path.is_dir():
+        raise ValueError(f"data folder {path} is not a folder")
+    if st.st_uid == 0:
+        raise ValueError(f"data folder {path} belongs to root, and the service will not run as root; "
+                         "chown it to the user who runs the desktop client")
+    try:
+        account = pwd.getpwuid(st.st_uid)
+    except KeyError:
+        raise ValueError(f"data folder {path} belongs to uid {st.st_uid}, which has no account") from None
+    try:
+        group = grp.getgrgid(account.pw_gid).gr_name
+    except KeyError:
+        group = str(account.pw_gid)
+    return account.pw_name, group
+
+
+_DYNAMIC_USER = re.compile(r"^(?:#.*\n)*DynamicUser=yes\n", re.M)  # with the comments that explain it
+_PROTECT_HOME = "ProtectHome=yes\n"
+
+
+def share_data_dir(text: str, data_dir: Path, owner: tuple[str, str], read_roots: Sequence[Path] = ()) -> str:
+    """The system unit, changed so the service can share `data_dir` with the desktop client.
+
+    Runs as the folder's owner instead of a DynamicUser=, and replaces the hidden home
+    directories with an empty read-only tmpfs into which only the data folder (read-write) and
+    input roots under a home (read-only) are bound back. Everything else stays as shipped.
+    """
+    user, group = owner
+    if not _DYNAMIC_USER.search(text) or _PROTECT_HOME not in text:
+        raise ValueError(f"the unit template has no 'DynamicUser=yes' or '{_PROTECT_HOME.strip()}' line to replace")
+    identity = (
+        f"# Identity: rendered for the data folder {str(data_dir).replace('%', '%%')}\n"
+        "# ([daemon] data_dir), shared with upstream's desktop client. The service runs as the folder's\n"
+        "# owner, not as a DynamicUser=: the client, as that user, reads and deletes the videos the\n"
+        "# service writes there (a transient uid's files, with UMask=0077, would be unreadable to it),\n"
+        "# and the service reads what the client writes and writes into a folder the user owns.\n"
+        "# No RemoveIPC=yes (DynamicUser= implied it): for a real user it would remove the user's other\n"
+        "# shared memory, a desktop session's, at every stop; the daemon sweeps the segments its own\n"
+        "# workers leaked when it starts.\n"
+        f"User={user}\n"
+        f"Group={group}\n"
+    )
+    binds = [f"BindPaths={bind_path(data_dir)}\n"]
+    binds += [f"BindReadOnlyPaths={bind_path(root)}\n" for root in read_roots if hidden_by_protect_home(root)]
+    homes = (
+        "# Home directories: an empty read-only tmpfs over /home, /root and /run/user, with only the data\n"
+        "# folder (read-write) and input roots (read-only) bound back in at their own paths.\n"
+        "ProtectHome=tmpfs\n" + "".join(binds)
+    )
+    return _DYNAMIC_USER.sub(lambda _: identity, text, count=1).replace(_PROTECT_HOME, homes, 1)
 
 
 def _directive(line: str) -> Optional[str]:
@@ -83,13 +164,20 @@ def _drop_directives(text: str, keys: set[str]) -> str:
     return "".join(out)
 
 
-def render(template: str, bindir: Path, user: bool = False) -> str:
-    """The unit file for `bindir`/heygem-ops; for a user manager without what it cannot apply."""
+def render(template: str, bindir: Path, user: bool = False, data_dir: Optional[Path] = None,
+           owner: Optional[tuple[str, str]] = None, read_roots: Sequence[Path] = ()) -> str:
+    """The unit file for `bindir`/heygem-ops; for a user manager without what it cannot apply.
+
+    With `data_dir` (and its `owner`), a system unit shares that folder (`share_data_dir`); a
+    user unit needs no change: it runs as the user and a user manager cannot hide homes anyway.
+    """
     exec_start = f"ExecStart={PLACEHOLDER}/heygem-ops "
     if exec_start not in template:
         raise ValueError(f"the unit template has no '{exec_start}' line")
     text = template.replace(exec_start, f"ExecStart={unit_path(bindir / 'heygem-ops')} ")
     if not user:
+        if data_dir is not None:
+            text = share_data_dir(text, data_dir, owner, read_roots)
         return text
     present = {_directive(line) for line in text.splitlines()}
     dropped = {why: [key for key in keys if key in present] for why, keys in USER_DROPS.items()}
@@ -147,6 +235,26 @@ def _warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
+def _shared_folders(config: Path, data_dir: Optional[Path]) -> tuple[Optional[Path], list[Path]]:
+    """(data folder, input roots) the unit must make reachable: --data-dir, else the config's."""
+    from watchdog.config import ConfigError, load
+
+    daemon = None
+    if config.exists():
+        try:
+            daemon = load(config).daemon
+        except ConfigError as err:
+            click.echo(f"error: {err}", err=True)
+            raise click.exceptions.Exit(USAGE) from None
+    if data_dir is not None:
+        data_dir = data_dir.absolute()
+        if daemon is not None and daemon.data_dir not in (None, data_dir):
+            _warn(f"--data-dir {data_dir} differs from [daemon] data_dir = {daemon.data_dir} in {config}, which the daemon uses")
+    elif daemon is not None:
+        data_dir = daemon.data_dir
+    return data_dir, list(daemon.input_roots) if daemon is not None else []
+
+
 def _next_steps(target: Path, user: bool) -> list[str]:
     systemctl = "systemctl --user" if user else "systemctl"
     unit = "heygem-ops" if target.parent == default_unit_dir(user) else str(target)
@@ -162,7 +270,10 @@ def _next_steps(target: Path, user: bool) -> list[str]:
 @click.option("--unit-dir", type=click.Path(path_type=Path, file_okay=False), help="Write here instead of /etc/systemd/system (or ~/.config/systemd/user with --user).")
 @click.option("--dry-run", is_flag=True, help="Print the rendered unit on stdout; write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing unit file that differs.")
-def install_service(user: bool, prefix: Optional[Path], unit_dir: Optional[Path], dry_run: bool, force: bool) -> None:
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="The folder shared with upstream's desktop client (default: [daemon] data_dir of the config the unit runs with).")
+def install_service(user: bool, prefix: Optional[Path], unit_dir: Optional[Path], dry_run: bool, force: bool,
+                    data_dir: Optional[Path]) -> None:
     """Write the systemd unit that runs `heygem-ops daemon` from this installation.
 
     Prints the systemctl commands to run next; never runs systemctl itself. Exit codes: 0 written
@@ -174,13 +285,20 @@ def install_service(user: bool, prefix: Optional[Path], unit_dir: Optional[Path]
       sudo heygem-ops install-service              /etc/systemd/system/heygem-ops.service
       heygem-ops install-service --user            ~/.config/systemd/user/heygem-ops.service
       heygem-ops install-service --dry-run | less  review the unit first, write nothing
+      sudo heygem-ops install-service --data-dir /home/alice/heygem_data/face2face/temp
+                                                   run as alice, sharing the desktop client's folder
     """
     bindir = (prefix.absolute() / "bin") if prefix else this_bindir()
     if bindir is None:
         click.echo(f"error: no heygem-ops executable next to {sys.executable} or on PATH; pass --prefix", err=True)
         raise click.exceptions.Exit(USAGE)
+    config = config_file(user)
+    data_dir, read_roots = _shared_folders(config, data_dir)
+    owner = None
     try:
-        text = render(TEMPLATE.read_text(encoding="utf-8"), bindir, user)
+        if data_dir is not None and not user:
+            owner = data_dir_owner(data_dir)
+        text = render(TEMPLATE.read_text(encoding="utf-8"), bindir, user, data_dir, owner, read_roots)
     except OSError as err:
         click.echo(f"error: cannot read the unit template {TEMPLATE}: {err.strerror}", err=True)
         raise click.exceptions.Exit(USAGE) from None
@@ -191,10 +309,13 @@ def install_service(user: bool, prefix: Optional[Path], unit_dir: Optional[Path]
     executable = bindir / "heygem-ops"
     if not os.access(executable, os.X_OK):
         _warn(f"{executable} is not an executable file (yet); the service cannot start until it is")
-    if not user and any(executable.is_relative_to(p) for p in ("/home", "/root", "/run/user")):
-        _warn(f"{executable} is under a home directory, which the system unit hides (ProtectHome=yes) "
-              "from its dynamic user: install into e.g. /opt/heygem-ops, or use --user")
-    config = config_file(user)
+    if not user and hidden_by_protect_home(executable):
+        _warn(f"{executable} is under a home directory, which the system unit hides (ProtectHome=) "
+              "from the service: install into e.g. /opt/heygem-ops, or use --user")
+    if not user and data_dir is None:
+        for root in read_roots:
+            if hidden_by_protect_home(root):
+                _warn(f"input root {root} is under a home directory, which the system unit hides (ProtectHome=yes)")
     if not config.exists():
         _warn(f"{config} does not exist and the daemon exits 2 without it; create it (an empty file means built-in defaults)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -15,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from heygem.jobs import JobStore
-from watchdog.http import MAX_BODY, ApiServer, BindError
+from watchdog.http import MAX_BODY, ApiServer, BindError, JobFiles
 from watchdog.metrics import Metrics
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy for 127.0.0.1
@@ -24,21 +25,23 @@ OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a
 class World:
     """The daemon's side of the server: callables the test flips, a real store, real metrics."""
 
-    def __init__(self, tmp_path: Path):
-        self.data = tmp_path / "data"
-        self.data.mkdir()
-        self.outputs = tmp_path / "outputs"
+    def __init__(self, tmp_path: Path, data_dir: bool = True, input_roots: tuple = ()):
+        self.state = tmp_path / "state"
+        self.state.mkdir()
+        self.files = JobFiles(self.state, tmp_path / "data" if data_dir else None, input_roots)
+        self.data = self.files.base  # the data folder, or <state>/inputs without one
+        self.data.mkdir(exist_ok=True)
+        self.outputs = self.files.outputs
         self.audio = self.data / "speech.wav"
         self.video = self.data / "face.mp4"
         self.audio.write_bytes(b"RIFF")
         self.video.write_bytes(b"\x00\x00\x00\x18ftypmp42")
-        self.store = JobStore(tmp_path / "jobs.sqlite3")
+        self.store = JobStore(self.state / "jobs.sqlite3")
         self.metrics = Metrics(version="test", mode="embedded")
         self.healthy, self.ready, self.accepting = True, True, True
         self.fail_with: Exception | None = None
         self.api = ApiServer(
-            "127.0.0.1", 0, self.store, self.metrics.render, self.health, self.readiness, self.is_accepting,
-            self.data, self.outputs,
+            "127.0.0.1", 0, self.store, self.metrics.render, self.health, self.readiness, self.is_accepting, self.files,
         )
 
     def health(self) -> dict:
@@ -68,6 +71,11 @@ class World:
             return status, json.loads(raw), headers
         return status, raw, headers
 
+    def link(self, name: str, target: str) -> str:
+        """A symlink in the data folder; returns its name, as a client would pass it."""
+        (self.data / name).symlink_to(target)
+        return name
+
     def submit(self, **fields) -> dict:
         status, body, _ = self.call("/easy/submit", "POST", json.dumps(fields).encode())
         assert status == 200
@@ -91,13 +99,16 @@ def bad(msg: str) -> dict:
     return {"code": 10002, "success": False, "msg": msg, "data": {}}
 
 
+REFUSED = f"audio_url: {JobFiles.REFUSED}"
+
+
 def test_submit_then_poll_like_the_official_client(world):
     reply = world.submit(audio_url=str(world.audio), video_url=str(world.video), code="a1b2-c3",
                          chaofen=0, watermark_switch=0, digital_auth=0, pn=1)
     assert reply == {"code": 10000, "success": True, "msg": "success", "data": {"code": "a1b2-c3"}}
     job = world.store.by_code("a1b2-c3")  # committed before the answer, visible to another connection
     assert (job.state, job.audio, job.video) == ("queued", str(world.audio), str(world.video))
-    assert job.output == str(world.outputs / "a1b2-c3-r.mp4")
+    assert job.output == str(world.data / "a1b2-c3-r.mp4")  # upstream's name, in the data folder
 
     seen: list[dict] = []
     done = threading.Event()
@@ -135,7 +146,8 @@ def test_submit_then_poll_like_the_official_client(world):
     progress = [d["progress"] for d in seen]
     assert progress == sorted(progress) and progress[0] == 0 and progress[-1] == 100
     assert {10, 20, 55, 90} <= set(progress)
-    assert seen[-1] == {"code": "a1b2-c3", "status": 2, "progress": 100, "result": job.output, "msg": "done"}
+    # relative to the data folder, as upstream gives it: the client opens path.join(<data folder>, result)
+    assert seen[-1] == {"code": "a1b2-c3", "status": 2, "progress": 100, "result": "/a1b2-c3-r.mp4", "msg": "done"}
     assert world.query("a1b2-c3")["data"]["status"] == 2  # asked again: still there (upstream forgot it)
 
 
@@ -173,7 +185,7 @@ def test_bad_submits_are_refused_naming_the_problem(world):
     assert world.submit(audio_url=a, video_url=v) == bad("code is missing")
     assert world.submit(audio_url=a, video_url=v, code=7) == bad("code must be a string, got int")
     missing = world.data / "nope.wav"
-    assert world.submit(audio_url=str(missing), video_url=v, code="x") == bad(f"audio_url: no such file {missing}")
+    assert world.submit(audio_url=str(missing), video_url=v, code="x") == bad(REFUSED)
     assert world.submit(audio_url=a, video_url="http://cdn.example/face.mp4", code="x") == bad(
         "video_url: http://cdn.example/face.mp4 is an http URL, but this deployment does not fetch from the"
         " network; pass a local path or a file:// URL"
@@ -187,8 +199,18 @@ def test_bad_submits_are_refused_naming_the_problem(world):
     assert world.submit(audio_url=a, video_url=v, code="../etc") == bad(
         "code '../etc' must be 1 to 128 letters, digits, '_', '-' or '.', not starting with '.' (it names the output file)"
     )
+    for n in (128, 84):  # CJK: 3 bytes each in UTF-8; '<code>-r.mp4' must fit a 255-byte file name
+        code = "视" * n
+        assert world.submit(audio_url=a, video_url=v, code=code) == bad(
+            f"code {code!r} is {3 * n} bytes in UTF-8; it names the output file '<code>-r.mp4', which must fit"
+            " 255 bytes: a code of at most 249 bytes"
+        )
     assert world.store.counts()["queued"] == 0
 
+    for n in (80, 83):  # 240 or 249 bytes, + 6: the output name fits
+        code = "视" * n
+        assert world.submit(audio_url=a, video_url=v, code=code)["code"] == 10000
+        assert world.store.by_code(code).output == str(world.outputs / f"{code}-r.mp4")
     assert world.submit(audio_url=a, video_url=v, code="dup")["code"] == 10000
     assert world.submit(audio_url=a, video_url=v, code="dup") == bad(
         "code dup is taken: a code is a task's id and cannot be reused"
@@ -295,3 +317,84 @@ def test_stop_is_bounded_and_closes_the_port(world):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
     finally:
         idle.close()
+
+
+# ---- inputs only from the configured roots -------------------------------------------------------
+# Each row is refused with 10002 and the SAME message, whether the file exists, is unreadable or
+# is missing: the API must not tell a client which files the host has.
+OUTSIDE_ROOTS = [
+    pytest.param(lambda w: "/etc/shadow", id="etc-shadow"),
+    pytest.param(lambda w: "/etc/passwd", id="etc-passwd"),
+    pytest.param(lambda w: "../../../../etc/passwd", id="dot-dot-passwd"),
+    pytest.param(lambda w: "jobs.sqlite3", id="jobs-sqlite3-relative"),
+    pytest.param(lambda w: "file:///etc/hostname", id="file-url-hostname"),
+    pytest.param(lambda w: "/etc/no-such-file-here", id="missing-outside"),
+    pytest.param(lambda w: "nope.wav", id="missing-inside"),
+    pytest.param(lambda w: str(w.state / "jobs.sqlite3"), id="jobs-sqlite3-absolute"),
+    pytest.param(lambda w: "../state/jobs.sqlite3", id="jobs-sqlite3-dot-dot"),
+    pytest.param(lambda w: w.link("escape.wav", "/etc/passwd"), id="symlink-out-of-the-root"),
+    pytest.param(lambda w: w.link("dangling.wav", "/etc/no-such-file-here"), id="dangling-symlink"),
+    pytest.param(lambda w: ".", id="the-data-folder-itself"),
+    pytest.param(lambda w: "speech.wav\x00.mp4", id="nul-byte"),
+]
+
+
+@pytest.mark.parametrize("value", OUTSIDE_ROOTS)
+def test_inputs_outside_the_roots_are_refused_alike_and_the_next_job_is_served(world, value):
+    given = value(world)
+    assert world.submit(audio_url=given, video_url=str(world.video), code="bad") == bad(REFUSED)
+    assert world.store.by_code("bad") is None
+    reply = world.submit(audio_url="speech.wav", video_url="face.mp4", code="good")  # the client's relative names
+    assert reply["code"] == 10000, reply
+    job = world.store.by_code("good")
+    assert (job.audio, job.video) == (str(world.audio), str(world.video))
+
+
+def test_video_url_is_checked_the_same_way(world):
+    assert world.submit(audio_url="speech.wav", video_url="/etc/passwd", code="v") == bad(f"video_url: {JobFiles.REFUSED}")
+
+
+def test_state_dir_is_never_an_input_even_under_a_root(tmp_path):
+    w = World(tmp_path, input_roots=(tmp_path,))  # the state dir and everything else under tmp_path is a root
+    w.api.start()
+    try:
+        (tmp_path / "other.wav").write_bytes(b"RIFF")
+        assert w.submit(audio_url=str(tmp_path / "other.wav"), video_url="face.mp4", code="ok")["code"] == 10000
+        for path in (w.state / "jobs.sqlite3", w.state / "snapshot.json", w.state):
+            if path.name == "snapshot.json":
+                path.write_text("{}")
+            assert w.submit(audio_url=str(path), video_url="face.mp4", code="x") == bad(REFUSED), path
+    finally:
+        w.api.stop(timeout=5)
+
+
+def test_a_link_inside_the_roots_is_followed_to_its_real_path(world):
+    (world.data / "sub").mkdir()
+    (world.data / "sub" / "alias.wav").symlink_to(world.audio)
+    assert world.submit(audio_url="sub/alias.wav", video_url="./sub/../face.mp4", code="l")["code"] == 10000
+    job = world.store.by_code("l")
+    assert (job.audio, job.video) == (str(world.audio), str(world.video))  # what was checked is what is read
+
+
+def test_without_a_data_folder_inputs_come_from_state_inputs_and_results_stay_absolute(tmp_path):
+    w = World(tmp_path, data_dir=False)
+    assert w.data == w.state / "inputs" and oct(w.data.stat().st_mode & 0o777) == "0o700"
+    w.api.start()
+    try:
+        assert w.submit(audio_url="speech.wav", video_url=f"file://{w.video}", code="s")["code"] == 10000
+        job = w.store.by_code("s")
+        assert (job.audio, job.output) == (str(w.audio), str(w.state / "outputs" / "s-r.mp4"))
+        job = w.store.claim("replica-0", lease_s=30)
+        w.store.succeed(job.id, "replica-0", job.output)
+        assert w.query("s")["data"]["result"] == job.output
+        (tmp_path / "outside.wav").write_bytes(b"RIFF")
+        assert w.submit(audio_url=str(tmp_path / "outside.wav"), video_url="face.mp4", code="o") == bad(REFUSED)
+    finally:
+        w.api.stop(timeout=5)
+
+
+def test_result_outside_the_data_folder_is_given_absolute(world):
+    """A job the CLI submitted with --out elsewhere: no relative name exists for it."""
+    elsewhere = world.state.parent / "elsewhere.mp4"
+    assert world.files.result(str(elsewhere)) == str(elsewhere)
+    assert world.files.result(os.path.join(world.data, "x-r.mp4")) == "/x-r.mp4"

@@ -15,21 +15,24 @@ Upstream's API, kept so existing clients (the official desktop client polls /eas
 
     POST /easy/submit  {"audio_url", "video_url", "code", ...}; other fields (chaofen, pn,
                        watermark_switch, digital_auth) are accepted and ignored, as upstream
-                       does. The URLs are local files, as in upstream's deployment: an absolute
-                       path, a path relative to the data directory (`inputs_dir`; upstream's
-                       clients pass names under its shared data directory) or a file:// URL.
+                       does. The URLs are local files, as in upstream's deployment: a name
+                       relative to the data folder (what upstream's clients send), an absolute
+                       path or a file:// URL; see `JobFiles` for which files may be read.
                        http(s) URLs are refused: this deployment fetches nothing from the
                        network. The job is committed to the store before the answer. The code
-                       names the output (`outputs_dir/<code>-r.mp4`, upstream's naming), so it
-                       must be a plain name. A code already used is refused with 10002
-                       (upstream overwrote its in-memory entry; our store keeps every job, and a
-                       code is the task's id for good). While the daemon drains: 10001 busy.
+                       names the output (`<code>-r.mp4` in the data folder, upstream's naming
+                       and place), so it must be a plain name. A code already used is refused
+                       with 10002 (upstream overwrote its in-memory entry; our store keeps every
+                       job, and a code is the task's id for good). While the daemon drains:
+                       10001 busy.
     GET /easy/query    ?code=...  -> data {code, status, progress, result, msg}; status 1 while
                        queued or running (upstream has no queued state: progress 0 then), 2
                        succeeded, 3 failed or cancelled; msg is the stage, or the reason on
-                       failure; result is the absolute path of the output (upstream gives a path
-                       relative to its data directory). Unlike upstream, a finished task can be
-                       queried again (upstream forgot it after the first answer).
+                       failure; result names the output as upstream does, relative to the data
+                       folder with a leading '/' ("/<code>-r.mp4": the desktop client opens
+                       Node's path.join(<data folder>, result)); without a data folder, and for
+                       an output outside it, the absolute path. Unlike upstream, a finished task
+                       can be queried again (upstream forgot it after the first answer).
 
 An exception in a handler never reaches the client as a traceback: it is logged and answered
 with JSON (500, or 200 with code 9999 on the API routes, which is what upstream sends and what
@@ -43,14 +46,15 @@ import os
 import re
 import socket
 import socketserver
+import stat
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from heygem import logs
-from heygem.jobs import DuplicateCode, Job, JobStore
+from heygem.jobs import NAME_MAX, DuplicateCode, Job, JobStore
 from watchdog.metrics import CONTENT_TYPE_LATEST
 
 MAX_BODY = 1024 * 1024
@@ -92,16 +96,119 @@ def upstream(code: int, msg: str, data: Optional[dict] = None) -> dict:
     return {"code": code, "success": code in (SUCCESS, NOT_FOUND), "msg": msg, "data": {} if data is None else data}
 
 
-def query_data(job: Job) -> dict:
-    """A job as upstream's /easy/query `data` (a queued job's progress is 0: the store resets it)."""
+def query_data(job: Job, name_result: Callable[[str], str] = str) -> dict:
+    """A job as upstream's /easy/query `data` (a queued job's progress is 0: the store resets it).
+
+    `name_result` turns the output's path into what `result` says (JobFiles.result)."""
     status = UPSTREAM_STATUS[job.state]
     return {
         "code": job.code,
         "status": status,
         "progress": job.progress,
-        "result": (job.result or "") if status == DONE else "",
+        "result": name_result(job.result or "") if status == DONE else "",
         "msg": (job.reason or job.state) if status == ERROR else job.stage,
     }
+
+
+def _under(path: str, root: str) -> bool:
+    """`path` is `root` or inside it; both absolute real paths (symlinks resolved)."""
+    return os.path.commonpath([path, root]) == root
+
+
+class JobFiles:
+    """Which files /easy/submit may read, where its jobs write, and how /easy/query names a result.
+
+    `data_dir` is the folder shared with upstream's clients ([daemon] data_dir; the desktop
+    client's ~/heygem_data/face2face/temp): relative input names resolve there, jobs write
+    `<code>-r.mp4` there (upstream's name and place) and `result` is given relative to it.
+    Without one, relative names resolve under `<state_dir>/inputs` (created 0700) and outputs go
+    to `<state_dir>/outputs`, with absolute results, as before.
+
+    Inputs are read only from the roots: the data folder (or `<state_dir>/inputs`) and
+    `input_roots`. Containment is checked on the real path (symlinks and '..' resolved, then
+    commonpath), so a link inside a root that points outside is outside. The state directory
+    (job store, snapshot, pidfile, models) is never an input, even under a root; only a root
+    inside it (the default `inputs/`) is. Every refusal, whether the file exists or not, gives
+    the same answer (`REFUSED`): the API is no oracle for the host's files. The log line
+    `input_refused` tells the operator the real reason.
+    """
+
+    REFUSED = ("no such input file (inputs are files in the service's data folder or its [daemon] input_roots;"
+               " pass a name relative to the data folder)")
+
+    def __init__(self, state_dir: Path, data_dir: Optional[Path] = None, input_roots: Sequence[Path] = ()):
+        self.state_dir = Path(state_dir)
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        if self.data_dir is None:
+            self.base = self.state_dir / "inputs"
+            self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.outputs = self.state_dir / "outputs"
+        else:
+            self.base = self.outputs = self.data_dir
+            data, state = os.path.realpath(self.data_dir), os.path.realpath(self.state_dir)
+            if _under(state, data):
+                log.warning("data_dir_holds_state_dir", data_dir=data, state_dir=state,
+                            why="the state directory is never an input; give the service a state directory of its own")
+        self.roots = [self.base, *(Path(r) for r in input_roots)]
+
+    @classmethod
+    def from_config(cls, daemon, state_dir: Path) -> "JobFiles":
+        """From a watchdog.config.DaemonConfig and the state directory in use."""
+        return cls(state_dir, daemon.data_dir, daemon.input_roots)
+
+    def output(self, code: str) -> Path:
+        return self.outputs / f"{code}-r.mp4"
+
+    def result(self, path: str) -> str:
+        """`path` as /easy/query's `result`: "/<relative path>" inside the data folder, else as is."""
+        if self.data_dir is None or not path:
+            return path
+        real, base = os.path.realpath(path), os.path.realpath(self.data_dir)
+        if real != base and _under(real, base):
+            return "/" + os.path.relpath(real, base)
+        return path
+
+    def input(self, name: str, value: str) -> Path:
+        """The real path of the input file `value` names (raises BadParameter with REFUSED)."""
+        if "://" in value:
+            scheme = value.split("://", 1)[0].lower()
+            if scheme in ("http", "https"):
+                raise BadParameter(
+                    f"{name}: {value} is an {scheme} URL, but this deployment does not fetch from the network;"
+                    " pass a local path or a file:// URL"
+                )
+            if scheme != "file":
+                raise BadParameter(f"{name}: unsupported URL scheme {scheme!r}; pass a local path or a file:// URL")
+            url = urlsplit(value)
+            if url.netloc not in ("", "localhost"):
+                raise BadParameter(f"{name}: {value} names host {url.netloc!r}; only local files can be read")
+            value = unquote(url.path)
+        real, why = None, "NUL byte in the name"
+        if "\x00" not in value:
+            real = os.path.realpath(os.path.join(self.base, value))  # an absolute value replaces the base
+            why = self._refusal(real)
+        if why:
+            log.info("input_refused", field=name, value=value, path=real, reason=why)
+            raise BadParameter(f"{name}: {self.REFUSED}")
+        return Path(real)
+
+    def _refusal(self, real: str) -> Optional[str]:
+        """Why the file at `real` may not be read, or None."""
+        inside = [root for root in (os.path.realpath(r) for r in self.roots) if _under(real, root)]
+        if not inside:
+            return "outside the input folders"
+        state = os.path.realpath(self.state_dir)
+        if _under(real, state) and not any(root != state and _under(root, state) for root in inside):
+            return "in the state directory"
+        try:
+            mode = os.stat(real).st_mode
+        except (OSError, ValueError) as err:
+            return f"cannot stat: {getattr(err, 'strerror', None) or err}"
+        if not stat.S_ISREG(mode):
+            return "not a regular file"
+        if not os.access(real, os.R_OK):
+            return "not readable by the service"
+        return None
 
 
 class ApiServer:
@@ -109,14 +216,13 @@ class ApiServer:
 
     `health()` returns a dict whose `healthy` says the daemon's loop ticked recently (/healthz
     answers 503 otherwise); `readiness()` returns (ready, reasons); `accepting()` is False while
-    the daemon drains. `inputs_dir` is the data directory that relative input paths are under;
-    `outputs_dir` is where submitted jobs write their video.
+    the daemon drains. `files` says which inputs may be read and where outputs go.
     """
 
     def __init__(
         self, host: str, port: int, store: JobStore, metrics_render: Callable[[], bytes],
         health: Callable[[], dict], readiness: Callable[[], tuple[bool, dict]], accepting: Callable[[], bool],
-        inputs_dir: Path, outputs_dir: Path,
+        files: JobFiles,
     ):
         self.host, self.port = host, port
         self.store = store
@@ -124,8 +230,7 @@ class ApiServer:
         self.health = health
         self.readiness = readiness
         self.accepting = accepting
-        self.inputs_dir = Path(inputs_dir)
-        self.outputs_dir = Path(outputs_dir)
+        self.files = files
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
         self._stopping = threading.Event()
@@ -190,7 +295,7 @@ class ApiServer:
         job = self.store.by_code(code)
         if job is None:
             return upstream(NOT_FOUND, f"task {code} not found")
-        return upstream(SUCCESS, "", query_data(job))
+        return upstream(SUCCESS, "", query_data(job, self.files.result))
 
     def submit(self, body: bytes) -> dict:
         if not self.accepting():
@@ -208,36 +313,21 @@ class ApiServer:
                     f"code {code!r} must be 1 to 128 letters, digits, '_', '-' or '.', not starting with '.'"
                     " (it names the output file)"
                 )
-            audio = self.local_file("audio_url", audio_url)
-            video = self.local_file("video_url", video_url)
+            if len(f"{code}-r.mp4".encode()) > NAME_MAX:
+                raise BadParameter(
+                    f"code {code!r} is {len(code.encode())} bytes in UTF-8; it names the output file"
+                    f" '<code>-r.mp4', which must fit {NAME_MAX} bytes: a code of at most {NAME_MAX - 6} bytes"
+                )
+            audio = self.files.input("audio_url", audio_url)
+            video = self.files.input("video_url", video_url)
         except BadParameter as err:
             return upstream(BAD_PARAMETER, str(err))
         try:
-            job = self.store.submit(str(audio), str(video), output=str(self.outputs_dir / f"{code}-r.mp4"), code=code)
+            job = self.store.submit(str(audio), str(video), output=str(self.files.output(code)), code=code)
         except DuplicateCode:
             return upstream(BAD_PARAMETER, f"code {code} is taken: a code is a task's id and cannot be reused")
         log.info("job_submitted", code=code, job=job.id, audio=job.audio, video=job.video)
         return upstream(SUCCESS, "success", {"code": code})
-
-    def local_file(self, name: str, value: str) -> Path:
-        """The file that `value` (a path, relative to `inputs_dir` or absolute, or a file:// URL) names."""
-        if "://" in value:
-            scheme = value.split("://", 1)[0].lower()
-            if scheme in ("http", "https"):
-                raise BadParameter(
-                    f"{name}: {value} is an {scheme} URL, but this deployment does not fetch from the network;"
-                    " pass a local path or a file:// URL"
-                )
-            if scheme != "file":
-                raise BadParameter(f"{name}: unsupported URL scheme {scheme!r}; pass a local path or a file:// URL")
-            url = urlsplit(value)
-            if url.netloc not in ("", "localhost"):
-                raise BadParameter(f"{name}: {value} names host {url.netloc!r}; only local files can be read")
-            value = unquote(url.path)
-        path = Path(os.path.abspath(self.inputs_dir / value))
-        if not path.is_file():
-            raise BadParameter(f"{name}: no such file {path}")
-        return path
 
 
 def _field(request: dict, name: str) -> str:
