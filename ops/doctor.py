@@ -214,12 +214,12 @@ def check_gpu_idle_busy(info, rules) -> Check:
     stuck = idle_busy(info.gpus, rules.gpu_idle_util_pct, rules.gpu_busy_mem_mib)
     evidence = {**limits, "gpus": to_dict(info)["gpus"]}
     if not stuck:
-        return Check("gpu_idle_busy", "ok", f"no GPU holds > {rules.gpu_busy_mem_mib:.0f} MiB while idle", evidence)
+        return Check("gpu_idle_busy", "ok", f"no GPU holds >= {rules.gpu_busy_mem_mib:.0f} MiB while idle", evidence)
     evidence["idle_busy"] = [g.index for g in stuck]
     detail = "; ".join(f"GPU {g.index} {g.util_pct:.0f}% {g.mem_used_mib:.0f} MiB held by {_holders(g)}" for g in stuck)
     return Check(
         "gpu_idle_busy", "fail",
-        f"{len(stuck)} GPU(s) at <= {rules.gpu_idle_util_pct:g}% utilisation hold > {rules.gpu_busy_mem_mib:.0f} MiB: {detail}",
+        f"{len(stuck)} GPU(s) at <= {rules.gpu_idle_util_pct:g}% utilisation hold >= {rules.gpu_busy_mem_mib:.0f} MiB: {detail}",
         evidence,
         "the holders above are stuck or orphaned: if they are the service's workers, `heygem-ops restart`; "
         "a zombie or gone holder frees its memory only when its parent reaps or restarts (`heygem-ops zombies`)",
@@ -244,6 +244,61 @@ def check_zombies() -> Check:
         "only the parent can reap them: fix or restart that parent (`heygem-ops zombies` for details); "
         "SIGCHLD and `kill -9` on zombies do nothing",
     )
+
+
+# causes to name next to an effect found in the same log: (effect, causes)
+LOG_CAUSES = {"queue_full": ("warmup_slow", "cpu_fallback", "gpu_oom"),
+              "queue_empty": ("warmup_slow", "cpu_fallback", "gpu_oom")}
+
+
+def _where(hit) -> str:
+    at = f"line {hit.lineno}" + (f" [{hit.timestamp.replace('T', ' ')}]" if hit.timestamp else "")
+    return at + (f" task {hit.task}" if hit.task else "")
+
+
+def log_checks(path: Path, daemon) -> list[Check]:
+    """Upstream's failure signatures (and `[daemon] log_patterns`) in a log, after the fact: a
+    summary row, then one row per signature found, with its first and last line and the fix."""
+    from watchdog.upstream_log import Reader, TaskBook, signatures
+
+    reader, book = Reader(signatures(daemon.log_patterns, daemon.log_builtin_patterns)), TaskBook()
+    found: dict[str, list] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = (line.rstrip("\r\n") for line in f)
+        for entries in (reader.feed(lines), reader.flush()):
+            for entry in entries:
+                book.feed(entry)
+                for hit in entry.hits:
+                    found.setdefault(hit.alert, []).append(hit)
+    tasks = book.rows()
+    counts = {o: sum(t.outcome == o for t in tasks) for o in ("succeeded", "failed", "running")}
+    summary = f"{path}: {reader.lineno} lines, {len(tasks)} upstream task(s)"
+    if tasks:
+        summary += ": " + ", ".join(f"{n} {o}" for o, n in counts.items() if n)
+    if not found:
+        summary += "; no failure line"
+    checks = [Check("log", "ok", summary, {"file": str(path), "lines": reader.lineno, "tasks": [t.to_dict() for t in tasks]})]
+    for alert, hits in found.items():
+        sig, first, last = hits[0].signature, hits[0], hits[-1]
+        text = f"{first.what()}. {len(hits)} line(s); first at {_where(first)}: {first.line}"
+        if len(hits) > 1:
+            text += f"; last at {_where(last)}"
+        causes = []
+        for cause in LOG_CAUSES.get(alert, ()):
+            # lines before the effect: the same task's first, else the first
+            before = [h for h in found.get(cause, ()) if h.lineno < last.lineno]
+            hit = next((h for h in before if h.task and h.task in {x.task for x in hits}), next(iter(before), None))
+            if hit is not None:
+                causes.append(f"{cause} at {_where(hit)}" + (f" ({hit.value:g} s)" if hit.value is not None else ""))
+        if causes:
+            text += "; earlier in this log, the likely causes: " + ", ".join(causes)
+        checks.append(Check(
+            alert, "fail" if sig.failure else "warn", text,
+            {"count": len(hits), "tasks": sorted({h.task for h in hits if h.task}), "first": first.evidence(),
+             "last": last.evidence()},
+            sig.fix_text(),
+        ))
+    return checks
 
 
 def _guarded(name: str, run: Callable[[], Check]) -> Check:
@@ -275,11 +330,11 @@ def run_checks(config, model: Optional[Path], device: int) -> list[Check]:
     return checks
 
 
-def render(checks: list[Check]) -> None:
+def render(checks: list[Check], title: str = "heygem-ops doctor") -> None:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="heygem-ops doctor", title_justify="left")
+    table = Table(title=Text(title), title_justify="left")
     table.add_column("check", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("summary / fix", overflow="fold")
@@ -288,7 +343,7 @@ def render(checks: list[Check]) -> None:
         if c.fix and c.status != "ok":
             text.append("\nfix: ", style="bold")
             text.append(c.fix)
-        table.add_row(c.name, Text(c.status, style=STYLES[c.status]), text)
+        table.add_row(Text(c.name), Text(c.status, style=STYLES[c.status]), text)
     out = console()
     out.print(table)
     counts = {s: sum(c.status == s for c in checks) for s in STYLES}
@@ -301,23 +356,42 @@ def render(checks: list[Check]) -> None:
               help="ONNX model to build the session from (default: a tiny built-in Conv model).")
 @click.option("--device", type=click.IntRange(min=0),
               help="GPU index to ask CUDA for (default: the first of [pipeline] devices, or 0).")
+@click.option("--log", "log", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Instead: read this log after the fact (upstream's log/dh.log, or ours) for upstream's "
+              "failure lines and say what each means and how to fix it.")
 @click.pass_context
-def doctor(ctx: click.Context, as_json: bool, model: Optional[Path], device: Optional[int]) -> None:
+def doctor(ctx: click.Context, as_json: bool, model: Optional[Path], device: Optional[int], log: Optional[Path]) -> None:
     """Check that inference really runs on the GPUs; say why not and how to fix it.
 
     Builds a real ONNX Runtime session asking for CUDA and compares what it runs on, lists CUDA
     libraries that do not load, environment variables that hide GPUs, GPUs idle while holding
-    memory, and zombies. Exit 0: no failure; 1: a check failed; 2: bad config or --model.
+    memory, and zombies. With --log, reads a log instead: one row per failure signature found
+    (queue full, queue.Empty, CPU fallback, GPU out of memory, failed task, slow warm-up), with
+    its line and the fix. Exit 0: no failure; 1: a check failed or a failure line was found;
+    2: bad config, --model or --log.
 
     \b
     Examples:
       heygem-ops doctor
       heygem-ops doctor --json --device 3
       heygem-ops doctor --model /models/dinet.onnx
+      heygem-ops doctor --log ~/heygem_data/face2face/log/dh.log
     """
     from heygem.providers import ModelError
 
     config = ctx.obj.config
+    if log is not None:
+        try:
+            checks = log_checks(log, config.daemon)
+        except OSError as err:
+            click.echo(f"error: cannot read {log}: {err.strerror}", err=True)
+            ctx.exit(USAGE)
+        failed = any(c.status == "fail" for c in checks)
+        if as_json:
+            emit_json({"checks": [asdict(c) for c in checks], "ok": not failed})
+        else:
+            render(checks, f"heygem-ops doctor --log {log}")
+        ctx.exit(PROBLEM if failed else OK)
     if device is None:
         devices = config.pipeline.devices
         device = devices[0] if isinstance(devices, list) else 0

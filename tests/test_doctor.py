@@ -167,3 +167,55 @@ def test_help_is_cheap_and_has_an_example(cli):
     assert result.returncode == 0 and "heygem-ops doctor --json" in result.stdout
     code = "import sys, ops.doctor; assert not {'onnxruntime', 'onnx', 'pynvml'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=ROOT)
+
+
+# ---- doctor --log: upstream's failure lines after the fact ----------------------------------------
+
+DH_LOG = ROOT / "tests" / "fixtures" / "dh.log"
+
+
+def test_log_names_each_failure_with_its_line_and_fix(doctor):
+    code, checks, _ = doctor("--log", str(DH_LOG))
+    assert code == 1
+    assert [(name, c["status"]) for name, c in checks.items()] == [
+        ("log", "ok"), ("cpu_fallback", "fail"), ("gpu_oom", "fail"), ("queue_empty", "fail"), ("job_failed", "fail"),
+        ("warmup_slow", "warn"), ("queue_full", "fail")]
+    assert "5 upstream task(s): 2 succeeded, 2 failed, 1 running" in checks["log"]["summary"]
+    full = checks["queue_full"]
+    assert full["evidence"]["first"]["lineno"] == 81 and "任务视频驱动队列满" in full["evidence"]["first"]["line"]
+    assert full["evidence"]["tasks"] == ["6a1f0c3e-8d2b-4c55-9e0a-2f7b1c9d4e11"]
+    # the public report's lesson: the warm-up, not the queue, was the cause
+    assert "earlier in this log, the likely causes: warmup_slow at line 78" in full["summary"] and "(110.42 s)" in full["summary"]
+    assert "only hide it" in full["fix"]
+    fallback = checks["cpu_fallback"]
+    assert fallback["evidence"]["count"] == 4 and "libonnxruntime_providers_cuda.so" in fallback["evidence"]["first"]["line"]
+    assert "heygem-ops doctor" in fallback["fix"]
+    assert checks["queue_empty"]["evidence"]["first"]["line"] == "_queue.Empty"
+    assert checks["warmup_slow"]["evidence"]["first"]["value"] == 110.42
+
+
+def test_log_without_failures_is_ok(doctor, tmp_path):
+    log = tmp_path / "dh.log"
+    log.write_text("".join(line + "\n" for line in DH_LOG.read_text(encoding="utf-8").splitlines()[9:42]), encoding="utf-8")
+    code, checks, _ = doctor("--log", str(log))
+    assert code == 0 and list(checks) == ["log"]
+    assert checks["log"]["summary"].endswith("2 upstream task(s): 2 succeeded; no failure line")
+
+
+def test_log_with_configured_patterns_and_builtins_off(doctor, tmp_path):
+    log = tmp_path / "dh.log"
+    log.write_text("[2025-03-18 12:58:00,000] [x.py[line:1]] [WARNING] [磁盘空间不足]\n" + DH_LOG.read_text(encoding="utf-8"),
+                   encoding="utf-8")
+    toml = '[daemon]\nlog_builtin_patterns = false\n[[daemon.log_patterns]]\nregex = "磁盘空间不足"\nalert = "disk_low"\n'
+    code, checks, _ = doctor("--log", str(log), toml=toml)
+    assert code == 0 and list(checks) == ["log", "disk_low"]  # a warning-severity pattern is no failure
+    assert checks["disk_low"]["status"] == "warn" and checks["disk_low"]["evidence"]["first"]["lineno"] == 1
+
+
+def test_log_human_output_and_bad_path(cli, tmp_path):
+    result = cli("doctor", "--log", str(DH_LOG), env={"COLUMNS": "200"})
+    assert result.returncode == 1, result.stderr
+    assert "heygem-ops doctor --log" in result.stdout and "fix: upstream's drivered_queue" in result.stdout
+    assert "1 ok, 1 warn, 5 fail" in result.stdout
+    missing = cli("doctor", "--log", str(tmp_path / "nope.log"))
+    assert missing.returncode == 2 and "nope.log" in missing.stderr

@@ -274,3 +274,146 @@ def test_follow_picks_up_appended_truncated_and_rotated_lines(logfile):
 def test_help_shows_an_example(cli):
     result = cli("logs", "--help")
     assert result.returncode == 0 and "heygem-ops logs --follow --category" in result.stdout
+
+
+# ---- upstream's log/dh.log (tests/fixtures/dh.log, upstream's exact format) ---------------------
+
+DH_LOG = ROOT / "tests" / "fixtures" / "dh.log"
+UUID = "6a1f0c3e-8d2b-4c55-9e0a-2f7b1c9d4e11"
+# line numbers of the entries each category shows (a traceback: its first line); the line
+# numbers are in the fixture's --json output, so the check is exact: these lines and no others
+DH_EXPECTED = {
+    "error": [2, 49, 55, 56, 61, 69, 72, 81],  # ORT's E line, two tracebacks (+ the chained one), 4 [ERROR]
+    "queue": [18, 28, 38, 40, 47, 55, 56, 61, 69, 78, 79, 81],  # 队列, _queue.Empty, the 110 s warm-up
+    "gpu": [2, 3, 5, 6, 49, 55, 56],  # ORT's fallback lines, CUDA out of memory
+    "worker": [1, 8, 9, 26],
+    "job": [10, 32, 33, 34, 41, 42, 43, 57, 58, 72, 73, 75],
+}
+
+
+def _linenos(stdout: str) -> list[int]:
+    return [json.loads(line)["lineno"] for line in stdout.splitlines()]
+
+
+@pytest.mark.parametrize("cat", sorted(DH_EXPECTED))
+def test_upstream_log_categories(cli, cat):
+    result = cli("logs", "--file", str(DH_LOG), "--category", cat, "--json")
+    assert result.returncode == 0, result.stderr
+    assert _linenos(result.stdout) == DH_EXPECTED[cat]
+
+
+def test_upstream_log_error_as_a_user_reads_it(cli):
+    result = cli("logs", "--file", str(DH_LOG), "--category", "error", env={"COLUMNS": "300"})
+    assert result.returncode == 0, result.stderr
+    records = [line for line in result.stdout.splitlines() if line.startswith("2025-")]
+    assert [line.split()[2] for line in records] == ["ERROR"] * 5
+    assert "onnxruntime provider_bridge_ort.cc:1992" in records[0] and records[0].endswith("<cpu_fallback>")
+    assert records[-1] == (f"2025-03-18 12:57:58.930 ERROR    trans_dh_service.py:151 [{UUID}] "
+                           "任务视频驱动队列满，严重阻塞，下游队列异常  <queue_full>")
+    assert "2025-03-18 12:52:13.066 ERROR    trans_dh_service.py:893 [1004] 任务执行失败，异常信息:[]  <job_failed>" in records
+    assert '    raise Empty\n_queue.Empty  <queue_empty>\n' in result.stdout
+    assert "RuntimeError: CUDA out of memory." in result.stdout
+    for noise in ("预处理耗时", ">>> 777", "in template video function", "EP Error ***"):
+        assert noise not in result.stdout
+
+
+def test_upstream_log_json_objects(cli):
+    result = cli("logs", "--file", str(DH_LOG), "--category", "queue", "--json")
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    full = objects[-1]
+    assert full == {"format": "dh", "lineno": 81, "timestamp": "2025-03-18T12:57:58.930", "level": "error",
+                    "source": "trans_dh_service.py:151", "message": f"[{UUID}]任务视频驱动队列满，严重阻塞，下游队列异常",
+                    "task": UUID, "categories": ["error", "queue"], "signatures": ["queue_full"]}
+    empty = next(o for o in objects if o["lineno"] == 61)
+    assert empty["format"] == "traceback" and empty["exception"] == "_queue.Empty" and empty["task"] == "1004"
+    assert empty["text"].startswith("Traceback (most recent call last):\n") and empty["signatures"] == ["queue_empty"]
+
+
+def test_upstream_log_task_and_alerts(cli):
+    task = cli("logs", "--file", str(DH_LOG), "--task", "1004", "--json")
+    assert _linenos(task.stdout) == [58, 59, 60, 61, 69, 72, 73, 74]
+    alerts = cli("logs", "--file", str(DH_LOG), "--alerts", "--json")
+    assert [(o["lineno"], o["signatures"]) for o in map(json.loads, alerts.stdout.splitlines()) if o["signatures"]] == [
+        (2, ["cpu_fallback"]), (3, ["cpu_fallback"]), (5, ["cpu_fallback"]), (6, ["cpu_fallback"]), (49, ["gpu_oom"]),
+        (55, ["gpu_oom"]), (56, ["gpu_oom"]), (61, ["queue_empty"]), (72, ["job_failed"]), (78, ["warmup_slow"]),
+        (81, ["queue_full"])]
+    human = cli("logs", "--file", str(DH_LOG), "--task", "1001", env={"COLUMNS": "300"})
+    assert ">>> 777   25" in human.stdout and "[1002]" not in human.stdout  # its bare prints too, nobody else's
+
+
+def test_upstream_log_since_is_local_time(cli):
+    result = cli("logs", "--file", str(DH_LOG), "--since", "2025-03-18T12:56:00+00:00", "--json", env={"TZ": "UTC"})
+    assert _linenos(result.stdout) == [78, 79, 80, 81]
+    shanghai = cli("logs", "--file", str(DH_LOG), "--since", "2025-03-18T04:56:00Z", "--json", env={"TZ": "Asia/Shanghai"})
+    assert _linenos(shanghai.stdout) == [78, 79, 80, 81]
+
+
+def test_upstream_tasks_table(cli):
+    result = cli("logs", "--file", str(DH_LOG), "--tasks", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("│") and line.split("│")[1].strip()}
+    assert rows["1001"] == ["2025-03-18 12:45:00", "0.359 s", "2.24 s", "8.38 s", "150", "59.3 s", "succeeded"]
+    assert rows["1002"][-1] == "succeeded" and rows["1002"][4] == "75"
+    assert rows["1003"][4] == "4/300" and rows["1003"][-1].startswith("failed: RuntimeError: CUDA out of memory")
+    assert rows["1004"][-1] == "failed: _queue.Empty"
+    stuck = next(v for k, v in rows.items() if k.startswith("6a1f0c3e"))
+    assert stuck[3:6] == ["110 s", "40/150", "-"] and stuck[-1].startswith("running, last error:")
+    assert "2 succeeded, 2 failed, 1 running" in result.stdout
+
+
+def test_upstream_tasks_json(cli):
+    result = cli("logs", "--file", str(DH_LOG), "--tasks", "--json")
+    data = json.loads(result.stdout)
+    assert data["source"] == str(DH_LOG)
+    assert [(t["code"], t["outcome"]) for t in data["tasks"]] == [
+        ("1001", "succeeded"), ("1002", "succeeded"), ("1003", "failed"), ("1004", "failed"), (UUID, "running")]
+    first = data["tasks"][0]
+    assert {k: first[k] for k in ("preprocess_s", "audio_features_s", "warmup_s", "frames", "batch_size", "total_s")} == {
+        "preprocess_s": 0.359, "audio_features_s": 2.24, "warmup_s": 8.38, "frames": 150, "batch_size": 4, "total_s": 59.34}
+    one = json.loads(cli("logs", "--file", str(DH_LOG), "--tasks", "--task", "1004", "--json").stdout)
+    assert [(t["code"], t["reason"]) for t in one["tasks"]] == [("1004", "_queue.Empty")]
+    bad = cli("logs", "--file", str(DH_LOG), "--tasks", "--follow")
+    assert bad.returncode == 2 and "--tasks" in bad.stderr
+
+
+def test_foreign_text_cannot_break_the_output(cli, tmp_path):
+    log = tmp_path / "dh.log"
+    log.write_text(
+        "[2025-03-18 12:50:00,000] [run.py[line:1]] [INFO] [任务:7 -> audio_url:[/oops].wav  video_url:[bold red]v.mp4]\n"
+        "[2025-03-18 12:50:01,000] [run.py[line:2]] [ERROR] [[7]任务执行失败，异常信息:[[/oops] closing tag [link=x]]]\n"
+        "[/oops] a bare line\n", encoding="utf-8")
+    for args in ((), ("--tasks",), ("--category", "error")):
+        result = cli("logs", "--file", str(log), *args, env={"COLUMNS": "200"})
+        assert result.returncode == 0, result.stderr
+        assert "[/oops]" in result.stdout
+    assert "[bold red]v.mp4" in cli("logs", "--file", str(log), env={"COLUMNS": "200"}).stdout
+    assert "[link=x]" in cli("logs", "--file", str(log), "--tasks", env={"COLUMNS": "200"}).stdout
+
+
+def test_follow_upstream_log(tmp_path):
+    log = tmp_path / "dh.log"
+    log.write_text(DH_LOG.read_text(encoding="utf-8"), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "logs", "--follow", "--file", str(log),
+                             "--category", "queue", "--json"], stdout=subprocess.PIPE, cwd=ROOT)
+    buf: list[str] = []
+    try:
+        _read_until(proc, '"lineno": 81', buf)  # the backlog
+        with open(log, "a", encoding="utf-8") as f:
+            f.write("[2025-03-18 13:00:00,000] [t.py[line:1]] [INFO] [任务:1006 -> audio_url:a  video_url:v]\n")
+            f.write("Traceback (most recent call last):\n")
+            f.flush()
+            time.sleep(0.5)
+            f.write('  File "/usr/lib/python3.8/multiprocessing/queues.py", line 108, in get\n    raise Empty\n_queue.Empty\n')
+            f.write("[2025-03-18 13:01:00,000] [t.py[line:9]] [ERROR] [[1006]任务视频驱动队列满，严重阻塞，下游队列异常]\n")
+        _read_until(proc, '"lineno": 87', buf)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdout.close()
+    new = [json.loads(line) for line in "".join(buf).splitlines()][-2:]
+    assert [(o["lineno"], o["format"], o["task"], o["signatures"]) for o in new] == [
+        (83, "traceback", "1006", ["queue_empty"]), (87, "dh", "1006", ["queue_full"])]
