@@ -2,7 +2,8 @@
 
 Both runs: a real `heygem-ops daemon` with 2 CPU replicas, short demo jobs (1 s speech, 2 s
 template) submitted over HTTP (`POST /easy/submit`), wall time from the first submit until every
-job is finished. The chaos run injects the faults of tests/test_chaos.py while the batch runs,
+job is finished. The chaos run injects the faults of tests/test_chaos.py (the harness in
+benchmarks/support/chaos.py) while the batch runs,
 one every few seconds: SIGKILL a random stage, SIGSTOP one (a hang), SIGKILL the daemon itself
 and start a new one on the same state directory, then more stage kills.
 
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from heygem import assets  # noqa: E402
-from tests.test_chaos import AUDIO_S, CONFIG, FPS, Batch, chaos, latency_table, shm_heygem  # noqa: E402
+from benchmarks.support.chaos import AUDIO_S, CONFIG, FPS, Batch, chaos, latency_table, shm_heygem  # noqa: E402
 
 
 def run(root: Path, media: dict, jobs: int, pace_s: float, with_chaos: bool) -> dict:

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from procs_helpers import ZombieMaker  # noqa: E402
+from benchmarks.support.procs_helpers import ZombieMaker  # noqa: E402
 
 VENV = ROOT / ".venv" / "bin"
 PY = str(VENV / "python") if (VENV / "python").exists() else sys.executable

@@ -41,13 +41,13 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.support.daemon_helpers import Daemon, wait_for  # noqa: E402
 from heygem import assets  # noqa: E402
-from tests.daemon_helpers import Daemon, wait_for  # noqa: E402
 from watchdog.procs import ProcRef, send  # noqa: E402
 
 TREE = 50  # processes in the external command's tree, itself included
 HEARTBEAT_TIMEOUT_S = 2.0
-INTERVAL_S = 0.5  # what tests.daemon_helpers configures
+INTERVAL_S = 0.5  # what benchmarks.support.daemon_helpers configures
 EMBEDDED_CONFIG = (f"[rules]\nheartbeat_timeout_s = {HEARTBEAT_TIMEOUT_S}\n[actions]\nbackoff_initial_s = 0.2\n"
                    "backoff_max_s = 0.2\nterm_grace_s = 1.0\ncrash_loop_restarts = 100\n")
 READY_TIMEOUT_S = 120

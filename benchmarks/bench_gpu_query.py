@@ -1,7 +1,7 @@
 """One sample of every GPU: in-process NVML (watchdog.gpu) vs a cold CLI vs forking nvidia-smi.
 
 The daemon samples every tick and `gpu --watch` every refresh; this shows what each way costs.
-Without an NVIDIA driver it runs against tests/fakenvml (8 GPUs, the incident's values), which
+Without an NVIDIA driver it runs against benchmarks/support/fakenvml (8 GPUs, the incident's values), which
 measures the Python side (bindings, psutil look-ups, process start) but not a real driver.
 
     .venv/bin/python benchmarks/bench_gpu_query.py [--samples N] [--runs M]
@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from fakenvml import FakeGpu, build_library, fake_env, write_values  # noqa: E402
+from benchmarks.support.fakenvml import FakeGpu, build_library, fake_env, write_values  # noqa: E402
 
 QUERY = "index,name,uuid,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
 
@@ -81,7 +81,7 @@ def main() -> None:
             ]
             write_values(values, gpus)
             env.update(fake_env(build_library(Path(tmp) / "lib"), values))
-            source = "fake libnvidia-ml.so.1 (tests/fakenvml)"
+            source = "fake libnvidia-ml.so.1 (benchmarks/support/fakenvml)"
 
         child = subprocess.run([sys.executable, "-c", IN_PROCESS, str(args.samples)], env=env, cwd=ROOT,
                                check=True, capture_output=True, text=True, timeout=300)

@@ -22,17 +22,24 @@ Rows of each setting:
 
 The target is the bottleneck's own fps (ratio >= 0.9): stages overlap, so the pipeline can go
 no faster than its slowest stage, and should lose little to the plumbing. This process applies
-the stage processes' tuning (heygem.stages.tune_process) so single-process rows compare like
+the stage processes' tuning (heygem.tuning.tune_process) so single-process rows compare like
 with like. fps counts output frames from the first job's submission to the last job's end
 (start-up excluded, reported apart). Peak memory: the largest summed RSS of one replica's three
 stage processes.
 
+With --device N every session (stages alone, the sequential loop, the pipeline's one replica,
+devices = [N]) is asked for CUDA on GPU N and refuses to fall back; the generator-bound setting
+adds the generator alone on CPU (all cores), for CUDA vs CPU. --json FILE writes every row's
+median fps (benchmarks/gpu_check.py reads it).
+
     .venv/bin/python benchmarks/bench_pipeline.py [--jobs 4] [--seconds 4] [--size 640x360] [--heavier 12] [--rounds 3]
+                                                  [--device cpu|N] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -53,7 +60,7 @@ from heygem.jobs import JobStore  # noqa: E402
 from heygem.models import build_demo_models, infer  # noqa: E402
 from heygem.pipeline import Pipeline  # noqa: E402
 from heygem.providers import open_session  # noqa: E402
-from heygem.stages import tune_process  # noqa: E402
+from heygem.tuning import tune_process  # noqa: E402
 
 BATCH = 4
 
@@ -79,9 +86,9 @@ def heavier_generator(demo: Path, convs: int, out: Path) -> Path:
     return out
 
 
-def sessions(models: dict, threads: int) -> dict:
+def sessions(models: dict, threads: int, device="cpu") -> dict:
     return {
-        role: open_session(str(path), "cpu", threads=threads if role == "generator" else 1, spinning=False)[0]
+        role: open_session(str(path), device, threads=threads if role == "generator" else 1, spinning=False)[0]
         for role, path in models.items()
     }
 
@@ -112,11 +119,13 @@ def encode(decoded: list, out: Path, fps: float, size: tuple) -> None:
             writer.write(face.paste(frame, crop, placement))
 
 
-def stages_alone(models: dict, threads: int, template: Path, n: int, work: Path, beside: bool = False) -> dict[str, float]:
+def stages_alone(models: dict, threads: int, template: Path, n: int, work: Path, beside: bool = False,
+                 device="cpu", cpu_threads: int = 0) -> dict[str, float]:
     """Seconds for `n` frames of each stage's own work, one stage at a time. With `beside`,
     generate runs once more next to another process that decodes and encodes at the generator's
-    own pace: the load the other two stages put on the machine in the pipeline."""
-    s = sessions(models, threads)
+    own pace: the load the other two stages put on the machine in the pipeline. With
+    `cpu_threads`, the generator runs once more on CPU with that many threads."""
+    s = sessions(models, threads, device)
     info = video.probe(template)
     plan = audio.frame_plan(n / info.fps, info.frames, info.fps)
     times = {}
@@ -124,6 +133,8 @@ def stages_alone(models: dict, threads: int, template: Path, n: int, work: Path,
     decoded = decode_frames(s, template, plan)
     times["decode"] = time.perf_counter() - began
     times["generate"] = generate_seconds(s, decoded)
+    if cpu_threads:
+        times[f"generate on CPU, {cpu_threads} threads"] = generate_seconds(sessions(models, cpu_threads), decoded)
     if beside:
         import multiprocessing
 
@@ -166,9 +177,9 @@ def company(models: dict, template: Path, fps: float, out: Path, ready, stop) ->
         stop.wait(max(0.0, due - time.perf_counter()))
 
 
-def sequential(models: dict, threads: int, audio_path: Path, template: Path, out: Path) -> tuple[int, float]:
+def sequential(models: dict, threads: int, audio_path: Path, template: Path, out: Path, device="cpu") -> tuple[int, float]:
     """The same work with no processes and no overlap: the baseline the pipeline must beat."""
-    s = sessions(models, threads)
+    s = sessions(models, threads, device)
     began = time.perf_counter()
     info = video.probe(template)
     samples, sr = audio.load_audio(audio_path)
@@ -242,7 +253,8 @@ def stage_cpu(p: Pipeline) -> dict[str, float]:
 
 
 def setting(title: str, models: dict, threads: int, pipelines: list[tuple[str, PipelineConfig]],
-            models_dir: Path, work: Path, jobs: list[tuple[Path, Path]], rounds: int, beside: bool = False) -> None:
+            models_dir: Path, work: Path, jobs: list[tuple[Path, Path]], rounds: int, beside: bool = False,
+            device="cpu", cpu_threads: int = 0) -> dict:
     """Every row `rounds` times, interleaved (load on a shared machine hits every row alike); medians."""
     speech, template = jobs[0]
     fps: dict[str, list[float]] = {}
@@ -250,9 +262,9 @@ def setting(title: str, models: dict, threads: int, pipelines: list[tuple[str, P
     for _ in range(rounds):
         n_seq, t_seq = 0, 0.0
         for _ in jobs:
-            n, t = sequential(models, threads, speech, template, work / "seq.mp4")
+            n, t = sequential(models, threads, speech, template, work / "seq.mp4", device)
             n_seq, t_seq = n_seq + n, t_seq + t
-        for stage, t in stages_alone(models, threads, template, n_seq, work, beside).items():
+        for stage, t in stages_alone(models, threads, template, n_seq, work, beside, device, cpu_threads).items():
             fps.setdefault(f"{stage} stage alone" if " " not in stage else stage, []).append(n_seq / t)
         fps.setdefault("sequential loop, 1 process", []).append(n_seq / t_seq)
         for name, config in pipelines:
@@ -281,7 +293,9 @@ def setting(title: str, models: dict, threads: int, pipelines: list[tuple[str, P
     if len(pipelines) > 1:
         one, two = (median[name] for name, _ in pipelines[:2])
         print(f"scaling 1 -> 2 replicas: {two / one:.2f}x")
-    print(f"job states: {set().union(*(r['states'] for rs in runs.values() for r in rs))}")
+    states = set().union(*(r['states'] for rs in runs.values() for r in rs))
+    print(f"job states: {states}")
+    return {"title": title, "frames": n_seq, "fps": median, "bottleneck": neck, "job_states": sorted(states)}
 
 
 def main() -> None:
@@ -291,7 +305,10 @@ def main() -> None:
     ap.add_argument("--size", default="640x360")
     ap.add_argument("--heavier", type=int, default=12, help="identity convolutions added to the generator-bound setting's generator")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every row (medians)")
+    ap.add_argument("--device", default="cpu", help='"cpu" (default) or a GPU index: every session on CUDA there')
+    ap.add_argument("--json", type=Path, help="also write every row's median fps to this file")
     args = ap.parse_args()
+    device = "cpu" if args.device == "cpu" else int(args.device)
     width, height = (int(v) for v in args.size.split("x"))
     tune_process()
     cores = os.cpu_count() or 1
@@ -301,20 +318,36 @@ def main() -> None:
         template = assets.make_template_video(work / "t.mp4", seconds=4.0, size=(width, height))
         speech = assets.make_speech_audio(work / "a.wav", seconds=args.seconds)
         jobs = [(speech, template)] * args.jobs
-        print(f"{args.jobs} jobs x {args.seconds:g} s speech at {width}x{height}, CPU, {cores} cores")
+        print(f"{args.jobs} jobs x {args.seconds:g} s speech at {width}x{height}, "
+              + (f"CPU, {cores} cores" if device == "cpu" else f"CUDA GPU {device}, {cores} cores"))
 
-        setting("demo models", models, cores, [
-            ("pipeline, 1 replica", PipelineConfig(cpu_replicas=1)),
-            ("pipeline, 2 replicas", PipelineConfig(cpu_replicas=2)),
-            ("pipeline, 1 replica, cpu_threads = 1", PipelineConfig(cpu_threads=1)),
-        ], work / "models", work, jobs, args.rounds)
+        results = []
+        if device == "cpu":
+            results.append(setting("demo models", models, cores, [
+                ("pipeline, 1 replica", PipelineConfig(cpu_replicas=1)),
+                ("pipeline, 2 replicas", PipelineConfig(cpu_replicas=2)),
+                ("pipeline, 1 replica, cpu_threads = 1", PipelineConfig(cpu_threads=1)),
+            ], work / "models", work, jobs, args.rounds))
+        else:
+            results.append(setting("demo models", models, cores, [
+                ("pipeline, 1 replica", PipelineConfig(devices=[device])),
+            ], work / "models", work, jobs, args.rounds, device=device))
 
         heavy = {**models, "generator": heavier_generator(models["generator"], args.heavier, work / "heavy_generator.onnx")}
-        setting(f"generator-bound (+{args.heavier} identity convolutions, a core of its own)", heavy, 1, [
-            ("pipeline, 1 replica", PipelineConfig(cpu_threads=1, models=ModelPaths(generator=heavy["generator"]))),
-        ], work / "models", work, jobs, args.rounds, beside=True)
-        print(f"\ncommand: .venv/bin/python benchmarks/bench_pipeline.py --jobs {args.jobs} --seconds {args.seconds:g} "
-              f"--size {args.size} --heavier {args.heavier} --rounds {args.rounds}")
+        if device == "cpu":
+            results.append(setting(f"generator-bound (+{args.heavier} identity convolutions, a core of its own)", heavy, 1, [
+                ("pipeline, 1 replica", PipelineConfig(cpu_threads=1, models=ModelPaths(generator=heavy["generator"]))),
+            ], work / "models", work, jobs, args.rounds, beside=True))
+        else:
+            results.append(setting(f"generator-bound (+{args.heavier} identity convolutions, on GPU {device})", heavy, 1, [
+                ("pipeline, 1 replica", PipelineConfig(devices=[device], models=ModelPaths(generator=heavy["generator"]))),
+            ], work / "models", work, jobs, args.rounds, beside=True, device=device, cpu_threads=cores))
+        command = (f".venv/bin/python benchmarks/bench_pipeline.py --jobs {args.jobs} --seconds {args.seconds:g} "
+                   f"--size {args.size} --heavier {args.heavier} --rounds {args.rounds}"
+                   + ("" if device == "cpu" else f" --device {device}"))
+        print(f"\ncommand: {command}")
+        if args.json:
+            args.json.write_text(json.dumps({"device": device, "command": command, "settings": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

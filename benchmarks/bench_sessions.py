@@ -15,6 +15,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,10 +24,17 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime as ort  # noqa: E402
 
+from heygem.models import build_demo_models  # noqa: E402
 from heygem.providers import CPU, open_session, providers_for  # noqa: E402
-from tests.onnx_models import conv_model  # noqa: E402
 
-MODEL = conv_model({"crop": (1, 6, 256, 256), "reference": (1, 3, 256, 256)})
+
+def _demo_generator() -> bytes:
+    """The demo generator: the upstream generator's inputs (256x256 crops, an audio window)."""
+    with tempfile.TemporaryDirectory(prefix="bench-sessions-") as tmp:
+        return build_demo_models(tmp)["generator"].read_bytes()
+
+
+MODEL = _demo_generator()
 
 
 def _plain(device):

@@ -4,7 +4,7 @@
  * name, lazily) for what watchdog/gpu.py asks, with NVML's C signatures and structs.
  *
  * Values come from the text file named by $FAKE_NVML_FILE, re-read on every call so a test can
- * change them between two samples of one process. Lines (see tests/fakenvml/__init__.py):
+ * change them between two samples of one process. Lines (see benchmarks/support/fakenvml/__init__.py):
  *   driver <version>
  *   cuda <int, e.g. 12040>                        (absent: NOT_SUPPORTED)
  *   gpu <util%> <used B> <total B> <temp C> <power mW> <uuid> <name, rest of line>
