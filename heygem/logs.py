@@ -51,7 +51,7 @@ def configure(json: Optional[bool] = None, level: str = "info", stream: TextIO =
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if level == "debug" else logging.getLevelName(level.upper()))
+    root.setLevel(logging.getLevelName(level.upper()))
 
 
 def get(name: Optional[str] = None) -> structlog.stdlib.BoundLogger:

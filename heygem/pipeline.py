@@ -100,13 +100,23 @@ class Pipeline:
         return bool(self.replicas) and all(r.ready() for r in self.replicas)
 
     def restart(self, index: int, grace_s: float) -> list[int]:
-        """Stop replica `index` (its held jobs go back to the queue) and start a new incarnation."""
-        replica = self.replicas[index]
-        requeued = replica.stop(self.store, grace_s)
-        for stage in STAGES:
-            self.board.row(index, stage).set_state("starting")
-        replica.start()
+        """Stop replica `index` (its held jobs go back to the queue) and start a new incarnation.
+        Blocks for the stop; the daemon drives `collect` and `start_replica` step by step."""
+        requeued = self.replicas[index].stop(self.store, grace_s)
+        self.start_replica(index)
         return requeued
+
+    def collect(self, index: int) -> list[int]:
+        """Replica `index` has no process left: free its plumbing, requeue its held jobs."""
+        return self.replicas[index].collect(self.store)
+
+    def start_replica(self, index: int) -> None:
+        """A new incarnation of replica `index` (returns at once; it reports ready later). Its
+        rows start clean now, not when each stage gets to it: what the last incarnation held
+        must not read as a stall of the new one."""
+        for stage in STAGES:
+            self.board.row(index, stage).start(pid=0)
+        self.replicas[index].start()
 
     def stop(self, grace_s: float) -> list[int]:
         """Drain (no new jobs; running ones may finish) within `grace_s`, then stop everything.

@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from heygem.channels import Aborts, Channels, Flag
 from heygem.jobs import JobError, JobStore
 from heygem.ring import FrameRing
 from heygem.segments import segment_name
-from heygem.stages import EXIT_FALLBACK, STAGES, Aborts, Channels, Flag, StageSpec, main, slot_bytes
+from heygem.stages import EXIT_FALLBACK, STAGES, StageSpec, main, slot_bytes
 
 QUEUE_SLOTS = 4  # descriptors between stages; the ring's slots are the real bound
 # After the grace: how long stages get to die of SIGTERM, then of SIGKILL. A stage does not catch
@@ -127,21 +128,49 @@ class Replica:
         if self.channels is not None:
             self.channels.drain.set()
 
-    def stop(self, store: JobStore, grace_s: float) -> list[int]:
-        """Stop every stage within `grace_s` (then SIGTERM, then SIGKILL), free the plumbing,
-        and requeue the jobs this incarnation still holds. Returns the requeued job ids."""
+    def signal_stop(self) -> None:
+        """Ask every stage to leave (the stop flag) and SIGTERM it; returns at once.
+
+        A stage does not catch SIGTERM, so a running one dies of it now; a hung one (SIGSTOPped,
+        stuck in a driver call) does not, and gets `kill()` once the caller's grace has passed.
+        The replica is restarted anyway, so the gentle path buys nothing here; `stop()` is the
+        path that lets stages finish (the flag, then the grace, then signals)."""
         if self.channels is not None:
             self.channels.stop.set()
-        _join(self.procs.values(), grace_s)
-        for send in ("terminate", "kill"):  # SIGTERM, then SIGKILL, to the stages still there
-            alive = [proc for proc in self.procs.values() if proc.is_alive()]
-            for proc in alive:
-                getattr(proc, send)()
-            _join(alive, SIGNAL_WAIT_S)
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL every stage still there; returns at once."""
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()
+
+    def gone(self) -> bool:
+        """No stage process is left (is_alive() also collects the exited ones)."""
+        return not any(proc.is_alive() for proc in self.procs.values())
+
+    def collect(self, store: JobStore) -> list[int]:
+        """After the stages are gone: read their last events, free the plumbing, requeue the
+        jobs this incarnation still holds. Returns the requeued job ids."""
         self.poll()
         self._close_plumbing()
         self.procs = {}
         return self.requeue_held(store, "replica stopped")
+
+    def stop(self, store: JobStore, grace_s: float) -> list[int]:
+        """Stop every stage within `grace_s` (the stop flag, then SIGTERM, then SIGKILL), free
+        the plumbing, and requeue the jobs this incarnation still holds. Blocks; the daemon's
+        tick uses the non-blocking steps above instead. Returns the requeued job ids."""
+        if self.channels is not None:
+            self.channels.stop.set()
+        _join(self.procs.values(), grace_s)
+        for send in (self.signal_stop, self.kill):
+            alive = [proc for proc in self.procs.values() if proc.is_alive()]
+            send()
+            _join(alive, SIGNAL_WAIT_S)
+        return self.collect(store)
 
     def requeue_held(self, store: JobStore, reason: str) -> list[int]:
         """Jobs still running under this incarnation's name go back to the queue."""

@@ -317,6 +317,7 @@ def apply(steps: list[Step], grace_s: float, wait_s: float, confirm: Callable[[S
     """Carry out the plan: orphans, nudges, then restarts of the parents whose zombies stayed."""
     import signal
 
+    from watchdog.escalation import RESTART, escalate
     from watchdog.procs import ProcRef, send, terminate
 
     done = []
@@ -331,15 +332,17 @@ def apply(steps: list[Step], grace_s: float, wait_s: float, confirm: Callable[[S
             nudged.append(s)
         else:
             done.append(Done(s.pid, "nudge", "parent gone (or pid reused): not signalled"))
-    deadline = time.monotonic() + wait_s
+    nudged_at = time.monotonic()
+    deadline = nudged_at + wait_s
     for s in nudged:
         left = _wait_reaped(s.zombies, s.pid, max(0.0, deadline - time.monotonic()))
         reaped = len(s.zombies) - len(left)
         done.append(Done(s.pid, "nudge", f"SIGCHLD sent; {reaped} reaped, {len(left)} remain"))
         if not left:
             continue
+        # The daemon's escalation, with the operator as the judge of whether a restart pays.
         restart = next(r for r in steps if r.what == "restart" and r.pid == s.pid)
-        if not confirm(restart):
+        if escalate(nudged_at, max(time.monotonic(), deadline), wait_s, restart_ok=confirm(restart)) != RESTART:
             done.append(Done(s.pid, "restart", "skipped: SIGCHLD did not help; rerun with --yes to restart it"))
             continue
         parent = ProcRef(s.pid, s.create_time)

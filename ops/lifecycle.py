@@ -336,6 +336,7 @@ def observe(env, now: float) -> dict:
         "replicas": replica_rows(snap, now) if snap else [], "stages": stage_rows(snap, now) if snap else [],
         "external": snap.get("external") if snap else None,
         "jobs": JobStore(paths.store).counts(), "alerts": alerts, "restarts": snap.get("restarts", {}) if snap else {},
+        "units": snap.get("units", {}) if snap else {},
         "zombies": zombie_count(snap) if snap else None, "orphans": snap.get("orphans", []) if snap else None,
     }
 

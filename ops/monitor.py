@@ -70,15 +70,16 @@ def replica_rows(snap: dict, now: float) -> list[dict]:
     for r in snap.get("replicas", []):
         i = r["index"]
         view = views.get(i)
+        unit = snap.get("units", {}).get(f"replica-{i}", {})
         rows.append({
             "replica": i, "device": r["device"], "generation": r["generation"], "ready": r["ready"],
             "requested": list(view.requested) if view else [], "active": list(view.active) if view else [],
-            "cpu_fallback": str(i) in fell_back, "fallback_reason": view.reason if view else None,
+            "cpu_fallback": f"replica-{i}" in fell_back, "fallback_reason": view.reason if view else None,
             "missing_libraries": sorted({lib for s in r["sessions"].values() for lib in s.get("missing_libraries", [])}),
             "restarts": snap.get("restarts", {}).get(f"replica-{i}", 0),
             "since_start_s": round(now - r["started_at"], 1) if r.get("started_at") else None,
-            "out_of_service": snap.get("out_of_service", {}).get(str(i)),
-            "crash_loop": i in snap.get("crash_loop", []), "dead": r["dead"], "fatal": r["fatal"],
+            "state": unit.get("state"), "problem": unit.get("detail") if unit.get("state") not in (None, "running") else None,
+            "dead": r["dead"], "fatal": r["fatal"],
         })
     return rows
 
@@ -132,7 +133,7 @@ def replicas_table(rows: list[dict]):
         table.add_column(column, justify="right" if column in ("replica", "restarts") else "left", overflow="fold")
     for r in rows:
         running = Text(", ".join(r["active"]) or "-", style="bold red" if r["cpu_fallback"] else "")
-        problem = r["out_of_service"] or ("crash loop: restarts stopped" if r["crash_loop"] else "") or r["fatal"] or ""
+        problem = r["problem"] or r["fatal"] or ""
         if r["cpu_fallback"]:
             why = f"cannot load {', '.join(r['missing_libraries'])}" if r["missing_libraries"] else brief(r["fallback_reason"] or "")
             problem = f"CPU fallback{': ' + why if why else ''}. {problem}".strip()

@@ -19,7 +19,7 @@ from watchdog.alerts import (
 from watchdog.config import RulesConfig
 
 
-def cond(active: bool, key: str = "0/generate", alert: str = "queue_full", n: int = 10) -> Condition:
+def cond(active: bool, key: str = "replica-0/generate", alert: str = "queue_full", n: int = 10) -> Condition:
     return Condition(alert, key, active, "warning", f"depth {n}", {"queue_depth": n})
 
 
@@ -36,10 +36,10 @@ def test_pending_then_firing_after_for_duration():
     assert book.update([cond(True)], now=1059.9) == []
     assert book.firing() == []
     events = book.update([cond(True)], now=1060)
-    assert states(events) == [("queue_full", "0/generate", "firing")]
+    assert states(events) == [("queue_full", "replica-0/generate", "firing")]
     ev = events[0]
     assert (ev.since, ev.at, ev.repeat) == (1000, 1060, False)
-    assert [e.key for e in book.firing()] == ["0/generate"]
+    assert [e.key for e in book.firing()] == ["replica-0/generate"]
     # No event per tick while it keeps firing.
     assert book.update([cond(True)], now=1062) == []
 
@@ -55,14 +55,14 @@ def test_flapping_before_for_resets_without_event():
     assert book.update([cond(False)], now=50) == []  # cleared while pending: silent
     assert book.update([cond(True)], now=55) == []  # the clock starts again here
     assert book.update([cond(True)], now=100) == []  # 45 s, not 100
-    assert states(book.update([cond(True)], now=115)) == [("queue_full", "0/generate", "firing")]
+    assert states(book.update([cond(True)], now=115)) == [("queue_full", "replica-0/generate", "firing")]
 
 
 def test_resolved_once_with_latest_evidence():
     book = AlertBook({}, repeat_s=300)
     book.update([cond(True, n=10)], now=0)
     events = book.update([cond(False, n=3)], now=7)
-    assert states(events) == [("queue_full", "0/generate", "resolved")]
+    assert states(events) == [("queue_full", "replica-0/generate", "resolved")]
     assert events[0].evidence == {"queue_depth": 3}
     assert events[0].fields()["held_s"] == 7
     assert book.update([cond(False)], now=8) == []
@@ -83,7 +83,7 @@ def test_repeat_interval_reannounces_firing():
     book.update([cond(True)], now=0)
     assert book.update([cond(True)], now=299) == []
     events = book.update([cond(True, n=11)], now=300)
-    assert states(events) == [("queue_full", "0/generate", "firing")]
+    assert states(events) == [("queue_full", "replica-0/generate", "firing")]
     assert events[0].repeat and events[0].since == 0 and events[0].evidence == {"queue_depth": 11}
     assert book.update([cond(True)], now=599) == []
     assert len(book.update([cond(True)], now=600)) == 1
@@ -148,7 +148,7 @@ def test_gpu_idle_busy_queue(util, mem, depth, jobs_waiting, expected):
     gpus = [GpuView(0, util, mem), GpuView(1, 0.0, 40000)]
     stages = [stage(queue_depth=depth, gpu=0), stage(stage="paste", queue_depth=0, gpu=0), stage(replica=1, gpu=1)]
     got = alerts.gpu_idle_busy_queue(gpus, stages, gpu_idle_util_pct=5.0, gpu_busy_mem_mib=1024.0, jobs_waiting=jobs_waiting)
-    assert active(got) == {"gpu0": expected, "gpu1": jobs_waiting > 0}
+    assert active(got) == {"gpu-0": expected, "gpu-1": jobs_waiting > 0}
     assert got[0].evidence["queued_items"] == depth
 
 
@@ -164,13 +164,13 @@ def test_gpu_idle_busy_queue(util, mem, depth, jobs_waiting, expected):
 )
 def test_stage_stalled(kw, now, expected):
     got = alerts.stage_stalled([stage(**kw)], stall_after_s=30.0, now=now)
-    assert active(got) == {"0/generate": expected}
+    assert active(got) == {"replica-0/generate": expected}
     assert got[0].evidence["since_progress_s"] == pytest.approx(now - 1000.0)
 
 
 @pytest.mark.parametrize("depth, capacity, expected", [(9, 10, False), (10, 10, True), (0, 0, False)])
 def test_queue_full(depth, capacity, expected):
-    assert active(alerts.queue_full([stage(queue_depth=depth, queue_capacity=capacity)])) == {"0/generate": expected}
+    assert active(alerts.queue_full([stage(queue_depth=depth, queue_capacity=capacity)])) == {"replica-0/generate": expected}
 
 
 def test_queue_full_fires_only_when_continuously_full():
@@ -178,7 +178,7 @@ def test_queue_full_fires_only_when_continuously_full():
     full, not_full = stage(queue_depth=10), stage(queue_depth=2)
     for t, s in [(0, full), (30, full), (45, not_full), (50, full), (100, full)]:
         assert book.update(alerts.queue_full([s]), now=t) == [], t
-    assert states(book.update(alerts.queue_full([full]), now=110)) == [("queue_full", "0/generate", "firing")]
+    assert states(book.update(alerts.queue_full([full]), now=110)) == [("queue_full", "replica-0/generate", "firing")]
 
 
 def test_worker_dead_and_hung():
@@ -213,6 +213,6 @@ def test_cpu_fallback():
         ProviderView(1, (cuda, cpu), (cpu,), reason="libcublasLt.so.13: cannot open shared object file"),
         ProviderView(2, (cpu,), (cpu,)),
     ])
-    assert active(got) == {"0": False, "1": True, "2": False}
+    assert active(got) == {"replica-0": False, "replica-1": True, "replica-2": False}
     assert got[1].evidence["missing"] == [cuda]
     assert "libcublasLt" in got[1].summary

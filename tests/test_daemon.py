@@ -121,8 +121,9 @@ def test_killed_worker_is_restarted_and_its_job_completes(start, media):
     assert fired and "replica 0" in fired[0]["action"], fired  # restarted, or scheduled after back-off
     assert fired[0]["evidence"]["exit_code"] == -signal.SIGKILL
     assert d.alerts("worker_dead", "resolved")
-    requeued = [r for r in d.records() if r.get("event") == "replica_restarted"]
+    requeued = [r for r in d.records() if r.get("event") == "replica_stopped"]
     assert requeued and requeued[0]["requeued"], requeued
+    assert [r for r in d.records() if r.get("event") == "replica_restarted"]
 
 
 def test_stopped_worker_is_found_hung_and_restarted(start, media):
@@ -196,10 +197,11 @@ while True:
 """
 
 
-def test_external_command_zombies_are_nudged_then_parent_restarted(start, tmp_path):
+def _external(start, tmp_path, actions: str):
     app = tmp_path / "app.py"
     app.write_text(EXTERNAL_APP)
-    d = start("[rules]\nzombies_for_s = 0.0\n[actions]\nzombie_parent_grace_s = 1.0\nterm_grace_s = 1.0\n",
+    d = start("[rules]\nzombies_for_s = 0.0\n[actions]\nzombie_parent_grace_s = 1.0\nterm_grace_s = 1.0\n"
+              "backoff_initial_s = 0.2\nbackoff_max_s = 0.2\n" + actions,
               daemon_keys=f'mode = "external"\ncommand = ["{sys.executable}", "{app}"]\n')
     assert d.wait_notify("READY=1")
     first = wait_for(lambda: (s := d.snapshot()) and s["external"] and s["external"]["pid"], 30)
@@ -207,17 +209,39 @@ def test_external_command_zombies_are_nudged_then_parent_restarted(start, tmp_pa
     assert fired and str(first) in fired[0]["evidence"]["parents"], fired
     nudged = wait_for(lambda: [r for r in d.records() if r.get("event") == "zombie_parent_nudged"], 10)
     assert nudged and nudged[0]["parent"] == first
-    restarted = wait_for(lambda: [r for r in d.records() if r.get("event") == "zombie_parent_restarted"], 30)
-    assert restarted and "restarted the command" in restarted[0]["action"], d.log_path.read_text()[-3000:]
+    return d, first
+
+
+def test_zombies_of_a_healthy_service_are_nudged_and_reported_not_restarted(start, tmp_path):
+    """Restarting upstream only to reap its zombies kills the tasks it has in flight; 3 zombies
+    do not threaten the pid space, and the service is healthy: SIGCHLD, alert, nothing more."""
+    d, first = _external(start, tmp_path, "")
+    kept = wait_for(lambda: [a for a in d.alerts("zombies") if "not restarted" in a.get("action", "")], 15)
+    time.sleep(3.0)  # well past the 1 s grace
+    assert d.snapshot()["external"]["pid"] == first
+    assert not [r for r in d.records() if r.get("event") == "external_restarted"]
+    assert kept or [r for r in d.records() if r.get("event") == "zombie_parent_nudged"]
+
+
+def test_zombies_past_the_threshold_restart_the_parent_on_the_one_budget(start, tmp_path):
+    """Every incarnation leaves 3 zombies; at `zombie_restart_at = 3` each is restarted, and the
+    restarts spend the crash-loop budget like any other: 2 allowed, then crash_loop (it used to
+    be restarted 13 times in 70 s without ever reaching it)."""
+    d, first = _external(start, tmp_path, "zombie_restart_at = 3\ncrash_loop_restarts = 2\n")
+    restarted = wait_for(lambda: [r for r in d.records() if r.get("event") == "external_restarted"], 30)
+    assert restarted and "zombies" in restarted[0]["why"], d.log_path.read_text()[-3000:]
+    looped = wait_for(lambda: d.alerts("crash_loop"), 60)
+    assert looped and looped[0]["key"] == "external", d.log_path.read_text()[-3000:]
+    assert len([r for r in d.records() if r.get("event") == "external_restarted"]) == 2
     # the grandchild is re-parented to the daemon (the subreaper): terminated as an orphan if a
     # tick sees it running, reaped if it exits first; either way it never stays a zombie
-    assert wait_for(lambda: [r for r in d.records() if r.get("event") in ("reaped", "orphan_terminated")], 30), \
-        d.log_path.read_text()[-3000:]
+    assert wait_for(lambda: [r for r in d.records() if r.get("event") in ("reaped", "orphan_terminated")], 30)
     own = psutil.Process(d.proc.pid)
     assert wait_for(lambda: not [c for c in own.children() if c.status() == psutil.STATUS_ZOMBIE], 5)
-    second = wait_for(lambda: (s := d.snapshot()) and s["external"]["pid"] != first and s["external"]["pid"], 30)
-    assert second, d.snapshot()
     assert not psutil.pid_exists(first), "the old parent was stopped and reaped"
+    ready = d.http("/readyz")
+    assert ready[0] == 503 and "crash loop" in str(ready[1]), ready
+    assert d.http("/healthz")[0] == 200  # the loop runs: healing or stopped, the daemon is healthy
 
 
 def test_sighup_with_a_bad_config_keeps_the_old_one(start, media):
@@ -230,3 +254,20 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(start, media):
     assert failed and "bogus" in failed[0]["error"]
     submit(d, media["audio"], media["template"], "after-hup")
     assert until_done(d, "after-hup")["data"]["status"] == 2
+
+
+def test_external_mode_knows_upstreams_queue_full_line_without_configured_patterns(start, tmp_path):
+    """Upstream writes its queue-full line after its own 60 s wait: with no pattern configured the
+    daemon raises queue_full within 2 ticks of the line, not after another queue_full_for_s."""
+    app, log = tmp_path / "app.py", tmp_path / "dh.log"
+    app.write_text("import time\nwhile True:\n    time.sleep(0.2)\n")
+    log.write_text("[2025-03-18 12:52:07,646] [run.py[line:147]] [INFO] [[1002] -> 预处理耗时:0.359s]\n", encoding="utf-8")
+    d = start("", daemon_keys=f'mode = "external"\ncommand = ["{sys.executable}", "{app}"]\nlog_file = "{log}"\n')
+    assert d.wait_notify("READY=1")
+    with open(log, "a", encoding="utf-8") as f:
+        f.write("[2025-03-18 12:53:08,001] [process.py[line:110]] [ERROR] [[1002]任务视频驱动队列满，严重阻塞，下游队列异常]\n")
+    written = time.monotonic()
+    fired = wait_for(lambda: d.alerts("queue_full"), 10, every_s=0.05)
+    took = time.monotonic() - written
+    assert fired and "队列满" in fired[0]["evidence"]["line"], d.log_path.read_text()[-3000:]
+    assert took <= 2 * 0.5 + 0.5, took  # two ticks of 0.5 s, and the poll's slack

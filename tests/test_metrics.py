@@ -84,3 +84,16 @@ def test_dedicated_registry():
     Metrics("0.1.0", "embedded")
     Metrics("0.1.0", "embedded")  # a second one does not collide
     assert "heygem_gpu_utilization_ratio" not in {f.name for f in REGISTRY.collect()}
+
+
+def test_unit_states_are_one_hot():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from watchdog.metrics import Metrics
+
+    m = Metrics("test", "embedded")
+    m.update_from(units={"replica-0": "running", "replica-1": "crash_loop"})
+    family = next(f for f in text_string_to_metric_families(m.render().decode()) if f.name == "heygem_unit_state")
+    on = {(s.labels["unit"], s.labels["state"]) for s in family.samples if s.value == 1.0}
+    assert on == {("replica-0", "running"), ("replica-1", "crash_loop")}
+    assert len(family.samples) == 2 * 6

@@ -33,6 +33,10 @@ ALERTS = (
     "crash_loop",
     "job_failed",
     "disk_low",
+    # from upstream's log (watchdog.upstream_log)
+    "queue_empty",
+    "gpu_oom",
+    "warmup_slow",
 )
 SEVERITIES = ("info", "warning", "critical")
 
@@ -56,12 +60,25 @@ FIXES = {
     "in its log, then `heygem-ops restart`",
     "job_failed": "see the job's reason (`heygem-ops jobs`); the job was not retried further",
     "disk_low": "free space on the volume: results and temporary frames need room",
+    "queue_empty": "a stage waited past its timeout for input that never came: the stage before it is slow "
+    "(a warm-up on CPU, a busy GPU) or died; find it in the same log (`heygem-ops doctor --log`). "
+    "Lengthening the sleep or the timeout hides it",
+    "gpu_oom": "the GPU ran out of memory: upstream puts every session on GPU 0, so concurrent tasks and "
+    "orphaned workers share it; free what stale processes hold (`heygem-ops gpu`, `heygem-ops clean`) and "
+    "run one task per GPU at a time",
+    "warmup_slow": "upstream's warm-up (init_wh: face detection on the first 100 frames) outlasted its 60 s "
+    "queue timeout, so the driving queue fills before frames are generated: usually a CPU fallback "
+    "(`heygem-ops doctor`) or a GPU shared with other tasks",
 }
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One rule's verdict on one instance (`key`, e.g. "0/generate") at one tick."""
+    """One rule's verdict on one instance at one tick.
+
+    Keys name what the alert is about, in one format everywhere: a unit (`replica-0`,
+    `external`), one of its processes (`replica-0/generate`), a GPU (`gpu-0`), a path, a job id;
+    "" for host-wide alerts, "log" for log-derived ones."""
 
     alert: str
     key: str
@@ -215,8 +232,10 @@ class GpuView:
 class StageView:
     """One pipeline stage of one replica, as read from the stage board.
 
-    `queue_depth`/`queue_capacity` describe the stage's *input* queue; `last_progress` is when its
-    `items_out` last grew and `heartbeat` its last sign of life; `gpu` is the replica's device
+    `queue_depth`/`queue_capacity` describe the stage's *input* queue; `items_out` counts items
+    that left the stage, `dropped` the part of them let go because their job failed (so
+    `items_in - items_out` is what it holds); `last_progress` is when it last handed an item on
+    and `heartbeat` its last sign of life; `gpu` is the replica's device
     (None on CPU). A stage in state "backpressure" waits on a full downstream queue: not a stall.
     """
 
@@ -230,10 +249,15 @@ class StageView:
     queue_capacity: int
     gpu: Optional[int] = None
     state: str = ""
+    dropped: int = 0
+
+    @property
+    def unit(self) -> str:
+        return f"replica-{self.replica}"
 
     @property
     def key(self) -> str:
-        return f"{self.replica}/{self.stage}"
+        return f"{self.unit}/{self.stage}"
 
     @property
     def has_input(self) -> bool:
@@ -248,11 +272,15 @@ class WorkerView:
     yet (so a worker stuck loading models is not exempt).
     """
 
-    name: str
+    name: str  # "<unit>/<stage>", or the unit's name where it is one process ("external")
     pid: Optional[int]
     alive: bool
     heartbeat_age_s: float
     exit_code: Optional[int] = None
+
+    @property
+    def unit(self) -> str:
+        return self.name.split("/")[0]
 
 
 @dataclass(frozen=True)
@@ -272,6 +300,13 @@ class DiskView:
 
 
 # ---- rules: views + thresholds + now -> conditions -----------------------------------------
+
+
+def idle_but_busy(util_pct: Optional[float], mem_used_mib: float, *, util_max_pct: float, mem_min_mib: float) -> bool:
+    """A GPU holding models (memory at or above `mem_min_mib`) and computing nothing (utilisation
+    at or below `util_max_pct`). The one definition the daemon's alert, `doctor` and `gpu` share.
+    An unknown utilisation is no evidence: False."""
+    return util_pct is not None and util_pct <= util_max_pct and mem_used_mib >= mem_min_mib
 
 
 def gpu_idle_busy_queue(
@@ -294,9 +329,10 @@ def gpu_idle_busy_queue(
     out = []
     for g in gpus:
         waiting = queued.get(g.index, 0) + jobs_waiting
-        active = g.util_pct <= gpu_idle_util_pct and g.mem_used_mib >= gpu_busy_mem_mib and waiting > 0
+        active = waiting > 0 and idle_but_busy(g.util_pct, g.mem_used_mib, util_max_pct=gpu_idle_util_pct,
+                                               mem_min_mib=gpu_busy_mem_mib)
         out.append(Condition(
-            "gpu_idle_busy_queue", f"gpu{g.index}", active, "critical",
+            "gpu_idle_busy_queue", f"gpu-{g.index}", active, "critical",
             f"GPU {g.index}: {g.util_pct:g} % busy, {g.mem_used_mib:.0f} MiB used, {waiting} items/jobs waiting",
             {"gpu": g.index, "util_pct": g.util_pct, "mem_used_mib": g.mem_used_mib, "queued_items": queued.get(g.index, 0), "jobs_waiting": jobs_waiting},
         ))
@@ -388,7 +424,7 @@ def cpu_fallback(replicas: Sequence[ProviderView]) -> list[Condition]:
         if r.reason:
             summary += f" ({r.reason})"
         out.append(Condition(
-            "cpu_fallback", str(r.replica), bool(missing), "critical", summary,
+            "cpu_fallback", f"replica-{r.replica}", bool(missing), "critical", summary,
             {"requested": list(r.requested), "active": list(r.active), "missing": missing},
         ))
     return out

@@ -40,6 +40,7 @@ class RestartPolicy:
         self.stable_s = max_s if stable_s is None else stable_s
         self.restarts = 0  # starts after the first; feeds heygem_worker_restarts_total
         self._started_at: Optional[float] = None
+        self._ever_started = False
         self._exited_at: Optional[float] = None
         self._quick_exits = 0  # consecutive exits that came before `stable_s`
         self._exits: deque[float] = deque()
@@ -54,9 +55,15 @@ class RestartPolicy:
         return self._started_at is not None
 
     def record_start(self, now: float) -> None:
-        if self._started_at is not None or self._exited_at is not None:
+        if self._ever_started:
             self.restarts += 1
+        self._ever_started = True
         self._started_at = now
+
+    def record_stop(self) -> None:
+        """Stopped on purpose (an operator's restart, a unit that refuses to serve): not an exit
+        that counts toward back-off or the crash loop."""
+        self._started_at = None
 
     def record_exit(self, now: float) -> None:
         stable = self._started_at is not None and now - self._started_at >= self.stable_s

@@ -10,9 +10,9 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from heygem.config import PipelineConfig, Section
 
@@ -35,17 +35,43 @@ class LogPattern(Section):
     alert: str = "log_pattern"
     severity: Literal["info", "warning", "critical"] = "warning"
 
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a regular expression: {err}") from None
+        return value
+
 
 class DaemonConfig(Section):
     mode: Literal["embedded", "external"] = "embedded"
     command: list[str] = Field(default_factory=list, description="external mode: the service to supervise")
     log_file: Optional[Path] = Field(default=None, strict=False)
-    log_patterns: list[LogPattern] = Field(default_factory=list)
+    log_patterns: list[LogPattern] = Field(default_factory=list, description="add to the built-in signatures")
+    log_builtin_patterns: bool = Field(default=True, description=(
+        "external mode: upstream's failure lines (queue full, queue.Empty, CPU fallback, GPU out of memory, "
+        "failed task, slow warm-up) raise alerts"))
+    log_quiet_s: float = Field(default=60.0, gt=0, description="a log-derived alert resolves after this long without a matching line")
     interval_s: float = Field(default=2.0, gt=0, le=3600)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8383, ge=0, le=65535)
     state_dir: Optional[Path] = Field(default=None, strict=False)
+    data_dir: Optional[Path] = Field(default=None, strict=False, description=(
+        "the folder shared with upstream's clients (the desktop client's ~/heygem_data/face2face/temp): "
+        "relative audio_url/video_url resolve here and submitted jobs write <code>-r.mp4 here"))
+    input_roots: list[Annotated[Path, Field(strict=False)]] = Field(
+        default_factory=list, description="more folders that /easy/submit may read inputs from")
     stop_grace_s: float = Field(default=20.0, ge=0)
+
+    @field_validator("data_dir", "input_roots")
+    @classmethod
+    def _absolute(cls, value):
+        for path in value if isinstance(value, list) else [value]:
+            if path is not None and not path.is_absolute():
+                raise ValueError(f"{str(path)!r} is not an absolute path (no '~': the service may run as another user)")
+        return value
 
 
 class RulesConfig(Section):
@@ -65,6 +91,11 @@ class ActionsConfig(Section):
     restart_workers: bool = True
     restart_parent: bool = Field(default=True, description="external mode: restart a parent whose zombies persist")
     zombie_parent_grace_s: float = Field(default=30.0, ge=0)
+    zombie_restart_at: Optional[int] = Field(
+        default=None, ge=1,
+        description="restart a zombie-keeping parent (after its SIGCHLD grace) once it keeps this many zombies; "
+        "default: a quarter of the free pids. A parent whose service is also unhealthy is restarted at any count",
+    )
     term_grace_s: float = Field(default=10.0, ge=0)
     backoff_initial_s: float = Field(default=1.0, gt=0)
     backoff_max_s: float = Field(default=60.0, gt=0)

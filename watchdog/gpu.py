@@ -181,11 +181,10 @@ def _dlopen_error() -> str:
 
 
 def idle_busy(gpus, util_max_pct: float, mem_min_mib: float) -> list[GpuSample]:
-    """The incident's signature: memory in use above mem_min_mib while utilisation <= util_max_pct.
+    """The incident's signature (`watchdog.alerts.idle_but_busy`): models resident, nothing computed."""
+    from watchdog.alerts import idle_but_busy
 
-    A GPU whose utilisation NVML cannot report is not counted: no evidence, no alarm.
-    """
-    return [g for g in gpus if g.util_pct is not None and g.util_pct <= util_max_pct and g.mem_used_mib > mem_min_mib]
+    return [g for g in gpus if idle_but_busy(g.util_pct, g.mem_used_mib, util_max_pct=util_max_pct, mem_min_mib=mem_min_mib)]
 
 
 def to_dict(info: NvmlInfo) -> dict:

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from watchdog.alerts import ALERTS, AlertEvent, GpuView, StageView
+from watchdog.supervisor import STATES
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -39,6 +40,7 @@ class Metrics:
         self._jobs: tuple[tuple[str, int], ...] = ()
         self._zombies: Optional[int] = None
         self._restarts: tuple[tuple[str, int], ...] = ()
+        self._units: tuple[tuple[str, str], ...] = ()
         self._firing: tuple[tuple[str, int], ...] = tuple((name, 0) for name in ALERTS)
         self.registry.register(self)
         self._tick = Histogram(
@@ -55,12 +57,14 @@ class Metrics:
         jobs: Optional[Mapping[str, int]] = None,
         zombies: Optional[int] = None,
         restarts: Optional[Mapping[str, int]] = None,
+        units: Optional[Mapping[str, str]] = None,
         firing: Optional[Iterable[AlertEvent]] = None,
     ) -> None:
         """Take this tick's views; an argument left None keeps its previous value.
 
         `jobs`: count per job state; `restarts`: cumulative restarts per worker (e.g.
-        `RestartPolicy.restarts`); `firing`: `AlertBook.firing()`.
+        `RestartPolicy.restarts`); `units`: each supervised unit's state (`watchdog.supervisor`);
+        `firing`: `AlertBook.firing()`.
         """
         if gpus is not None:
             self._gpus = tuple(gpus)
@@ -72,6 +76,8 @@ class Metrics:
             self._zombies = zombies
         if restarts is not None:
             self._restarts = tuple(sorted(restarts.items()))
+        if units is not None:
+            self._units = tuple(sorted(units.items()))
         if firing is not None:
             counts = Counter({name: 0 for name in ALERTS})
             counts.update(e.alert for e in firing)
@@ -98,14 +104,18 @@ class Metrics:
         depth = GaugeMetricFamily("heygem_queue_depth", "Items waiting in a stage's input queue.", labels=["replica", "stage"])
         capacity = GaugeMetricFamily("heygem_queue_capacity", "Capacity of a stage's input queue.", labels=["replica", "stage"])
         processed = CounterMetricFamily("heygem_stage_items_processed", "Items a stage has handed on.", labels=["replica", "stage"])
+        dropped = CounterMetricFamily("heygem_stage_items_dropped", "Items a stage let go because their job failed or was cancelled.",
+                                      labels=["replica", "stage"])
         for s in stages:
             labels = [str(s.replica), s.stage]
             depth.add_metric(labels, s.queue_depth)
             capacity.add_metric(labels, s.queue_capacity)
-            processed.add_metric(labels, s.items_out)
+            processed.add_metric(labels, s.items_out - s.dropped)
+            dropped.add_metric(labels, s.dropped)
         yield depth
         yield capacity
         yield processed
+        yield dropped
 
         jobs = GaugeMetricFamily("heygem_jobs", "Jobs in the store by state.", labels=["state"])
         for state, n in self._jobs:
@@ -119,6 +129,13 @@ class Metrics:
         for worker, n in self._restarts:
             restarts.add_metric([worker], n)
         yield restarts
+
+        state = GaugeMetricFamily("heygem_unit_state", "1 for the state each supervised unit is in (starting, running, "
+                                  "stopping, backoff, crash_loop, out_of_service).", labels=["unit", "state"])
+        for unit, current in self._units:
+            for name in STATES:
+                state.add_metric([unit, name], 1.0 if name == current else 0.0)
+        yield state
 
         firing = GaugeMetricFamily("heygem_alerts_firing", "Alert instances firing, by alert name.", labels=["alert"])
         for name, n in self._firing:

@@ -40,7 +40,7 @@ def stage_views(status: dict) -> list[StageView]:
             queue_depth=replica["queues"].get(queue, 0) if queue else 0,
             queue_capacity=replica["queue_capacity"] if queue else 0,
             gpu=device if isinstance(device, int) else None,
-            state=row["state"],
+            state=row["state"], dropped=row.get("dropped", 0),
         ))
     return out
 
@@ -85,21 +85,13 @@ def disk_views(paths: Iterable[Path]) -> list[DiskView]:
     return out
 
 
-def orphans(own_pid: int, tracked: set[int]) -> list[int]:
+def orphans(own_pid: int, tracked: set[int], tree: Optional[dict] = None) -> list[int]:
     """Running children of the daemon that it did not start: descendants re-parented to it (the
-    subreaper) after their parent died. Zombies are the reaper's, not orphans."""
-    import psutil
+    subreaper) after their parent died. Zombies are the reaper's, not orphans. `tree`:
+    `watchdog.procs.family(own_pid)`, when read already this tick."""
+    from watchdog.procs import children, family
 
-    out = []
-    for child in psutil.Process(own_pid).children():
-        if child.pid in tracked:
-            continue
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE:
-                out.append(child.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return out
+    return [pid for pid in children(own_pid, family(own_pid) if tree is None else tree) if pid not in tracked]
 
 
 def resource_tracker_pid() -> Optional[int]:

@@ -63,7 +63,17 @@ class ZombieGroup(namedtuple("ZombieGroup", "ppid parent_cmdline parent_age_s zo
 
 
 # What one /proc/PID/stat line tells us.
-_Stat = namedtuple("_Stat", "name state ppid start_ticks")
+_Stat = namedtuple("_Stat", "name state ppid start_ticks threads")
+
+
+def children(root: int, tree: dict[int, _Stat]) -> list[int]:
+    """Running (not zombie) children of `root` in `tree` (`family(root)`)."""
+    return sorted(pid for pid, st in tree.items() if st.ppid == root and pid != root and st.state != "Z")
+
+
+def subtree(root: int, tree: dict[int, _Stat]) -> set[int]:
+    """`root` and its descendants within `tree` (`family` of an ancestor); empty if not in it."""
+    return _descendants(root, tree) if root in tree else set()
 
 
 def _read_stat(pid: str) -> _Stat | None:
@@ -74,8 +84,10 @@ def _read_stat(pid: str) -> _Stat | None:
     # comm may itself contain spaces and parentheses: it ends at the LAST ')'.
     left, right = data.index(b"("), data.rindex(b")")
     fields = data[right + 2 :].split()
-    # fields[0] is field 3 of proc(5): state; fields[1] ppid; fields[19] starttime (field 22).
-    return _Stat(data[left + 1 : right].decode(errors="replace"), fields[0].decode(), int(fields[1]), int(fields[19]))
+    # fields[0] is field 3 of proc(5): state; fields[1] ppid; fields[17] num_threads (field 20);
+    # fields[19] starttime (field 22).
+    return _Stat(data[left + 1 : right].decode(errors="replace"), fields[0].decode(), int(fields[1]), int(fields[19]),
+                 int(fields[17]))
 
 
 def _scan() -> dict[int, _Stat]:
@@ -99,6 +111,40 @@ def _descendants(root: int, stats: dict[int, _Stat]) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+def family(root: int) -> dict[int, _Stat]:
+    """`root` and all its descendants with their stat lines, found through the kernel's per-thread
+    `children` lists (/proc/PID/task/TID/children): the cost follows the size of the service's
+    tree, not of the host (a GPU server lists thousands of processes). Where the kernel has no
+    such lists (built without CONFIG_PROC_CHILDREN), a host-wide scan. Raises ProcessLookupError
+    when `root` does not exist."""
+    top = _read_stat(str(root))
+    if top is None:
+        raise ProcessLookupError(f"no process with pid {root}")
+    stats, todo = {root: top}, [root]
+    while todo:
+        pid = todo.pop()
+        if stats[pid].threads == 1:
+            tasks = [str(pid)]  # most workers: no need to list the task folder
+        else:
+            try:
+                tasks = os.listdir(f"{_PROC}/{pid}/task")
+            except OSError:
+                continue  # gone, or a zombie whose task list is empty
+        for tid in tasks:
+            raw = _read(f"{_PROC}/{pid}/task/{tid}/children")
+            if raw is None:
+                if pid == root and not os.path.exists(f"{_PROC}/{pid}/task/{tid}/children"):
+                    stats = _scan()
+                    return {p: stats[p] for p in _descendants(root, stats)}
+                continue
+            for child in raw.split():
+                st = _read_stat(child.decode())
+                if st is not None and int(child) not in stats:
+                    stats[int(child)] = st
+                    todo.append(int(child))
+    return stats
 
 
 def _read(path: str) -> bytes | None:
@@ -144,18 +190,14 @@ def _uptime_s() -> float:
     return float(_read(f"{_PROC}/uptime").split()[0])
 
 
-def zombies(root: int | None = None) -> list[Zombie]:
-    """Every zombie on the host, or only those in `root`'s tree (root and its descendants).
+def zombies(root: int | None = None, tree: dict[int, _Stat] | None = None) -> list[Zombie]:
+    """Every zombie on the host, or only those in `root`'s tree (root and its descendants; pass
+    `tree`, `family(root)`, when it was read already).
 
     Read-only: never signals anything. Raises ProcessLookupError when `root` does not exist.
     """
-    stats = _scan()
-    scope = None
-    if root is not None:
-        if root not in stats:
-            raise ProcessLookupError(f"no process with pid {root}")
-        scope = _descendants(root, stats)
-    found = [pid for pid, st in stats.items() if st.state == "Z" and (scope is None or pid in scope)]
+    stats = _scan() if root is None else tree if tree is not None else family(root)
+    found = [pid for pid, st in stats.items() if st.state == "Z"]
     if not found:
         return []
     uptime = _uptime_s()

@@ -125,6 +125,10 @@ class ChildWatch:
         except BlockingIOError:  # pipe full: a wake-up is pending already
             pass
 
+    def wake(self) -> None:
+        """Wake the loop now (from another signal's handler: TERM should not wait out a poll)."""
+        self._on_sigchld(signal.SIGCHLD, None)
+
     def wait(self, timeout_s: float) -> bool:
         """Sleep until a child changed state or `timeout_s` passed; True if SIGCHLD arrived."""
         poll = select.poll()

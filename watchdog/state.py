@@ -55,11 +55,22 @@ class StatePaths:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Replace `path` atomically (temp file + rename), so a reader never sees half a document."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, default=str)
-    os.replace(tmp, path)
+    """Replace `path` atomically (temp file + rename), so a reader never sees half a document.
+
+    The temp file is made by mkstemp (O_EXCL, a random name, mode 0600): a name planted
+    beforehand, or a symlink, is never followed. One `json.dumps` (the C encoder) and one write:
+    `json.dump` to a file encodes piece by piece, several times slower."""
+    import tempfile
+
+    text = json.dumps(data, ensure_ascii=False, default=str).encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path) -> Optional[dict]:
