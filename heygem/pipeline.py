@@ -21,7 +21,7 @@ from typing import Optional
 from heygem import segments
 from heygem.board import Board
 from heygem.config import PipelineConfig
-from heygem.jobs import JobStore
+from heygem.jobs import UNAVAILABLE, JobStore
 from heygem.replica import Replica
 from heygem.stages import STAGES, StageSpec
 
@@ -126,8 +126,11 @@ class Pipeline:
             replica.drain()
         workers = {r.worker for r in self.replicas}
         while time.monotonic() < deadline:
-            if not any(j.worker in workers for j in self.store.list(state="running", limit=1000)):
-                break
+            try:
+                if not any(j.worker in workers for j in self.store.list(state="running", limit=1000)):
+                    break
+            except UNAVAILABLE:  # the store is away: the stages finish what they can; leases keep the rest
+                pass
             time.sleep(0.1)
         requeued = []
         for replica in self.replicas:
@@ -138,12 +141,14 @@ class Pipeline:
             self.board = None
         return requeued
 
-    def status(self) -> dict:
+    def status(self, jobs: bool = True) -> dict:
+        """What the daemon samples; `jobs=False` leaves out the job counts (the daemon reads the
+        store itself, and rides out its outages)."""
         return {
             "devices": self.devices,
             "models": self.models,
             "board": self.board.name if self.board else None,
             "replicas": [r.status() for r in self.replicas],
             "stages": self.board.snapshot() if self.board else [],
-            "jobs": self.store.counts(),
+            "jobs": self.store.counts() if jobs else None,
         }

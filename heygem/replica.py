@@ -10,13 +10,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
-import sqlite3
 import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from heygem.channels import Aborts, Channels, Flag
-from heygem.jobs import JobError, JobStore
+from heygem.jobs import UNAVAILABLE, JobError, JobStore, host_name
 from heygem.ring import FrameRing
 from heygem.segments import segment_name
 from heygem.stages import EXIT_FALLBACK, STAGES, StageSpec, main, slot_bytes
@@ -60,10 +59,11 @@ class Replica:
 
     @property
     def worker(self) -> str:
-        """The lease holder's name: replica, incarnation and supervisor pid. The pid keeps a new
-        daemon's first incarnation from taking the name of a killed daemon's, whose jobs may
-        still be leased to it."""
-        return f"replica-{self.index}.{self.generation}@{os.getpid()}"
+        """The lease holder's name: replica, incarnation, host and supervisor pid
+        (`replica-0.1@gpu-07:4242`). The host tells a shared store's fleet who holds what; the
+        pid keeps a new daemon's first incarnation from taking the name of a killed daemon's,
+        whose jobs may still be leased to it."""
+        return f"replica-{self.index}.{self.generation}@{host_name()}:{os.getpid()}"
 
     def start(self) -> None:
         """Spawn a new incarnation: fresh plumbing, three stage processes."""
@@ -174,7 +174,10 @@ class Replica:
 
     def requeue_held(self, store: JobStore, reason: str) -> list[int]:
         """Jobs still running under this incarnation's name go back to the queue."""
-        held = [j for j in store.list(state="running", limit=1000) if j.worker == self.worker]
+        try:
+            held = [j for j in store.list(state="running", limit=1000) if j.worker == self.worker]
+        except UNAVAILABLE:
+            return []  # the store is away: lease expiry requeues them once it is back
         out = []
         for job in held:
             try:
@@ -182,8 +185,8 @@ class Replica:
                 out.append(job.id)
             except JobError:
                 pass  # finished or requeued by someone else meanwhile
-            except sqlite3.OperationalError:
-                break  # the store is locked (by a hung writer?): lease expiry requeues them later
+            except UNAVAILABLE:
+                break  # the store is locked (by a hung writer?) or away: lease expiry requeues them later
         return out
 
     def _close_plumbing(self) -> None:
