@@ -4,6 +4,9 @@ The pipeline's audio side: read a file into 16 kHz mono float32, compute a log-m
 (10 ms hop), decide which template frame each output frame shows (`frame_plan`), and cut the mel
 window centred on each output frame (`windows`) for the audio encoder. Plain numpy functions, so
 any worker process can call them; every error names the file and says what is wrong with it.
+`FeatureStream` gives the same features a chunk of frames at a time, as a stage reaches them,
+so a long job's first frame does not wait for its whole audio (`mel_span` computes only the mel
+frames a chunk needs).
 
 Conventions follow Kaldi fbank as WeNet uses it (samples scaled to the int16 range, 25 ms frames,
 10 ms hop, 80 bins, natural log with a float32-epsilon floor), with a Hann window; close, not
@@ -18,7 +21,7 @@ import subprocess
 import wave
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -31,6 +34,8 @@ FMIN, FMAX = 20.0, 8000.0
 LOG_FLOOR = float(np.log(np.finfo(np.float32).eps))  # the log-mel value of digital silence
 WINDOW = 80  # mel frames per video-frame window: 800 ms = the encoder's 20 steps of 40 ms
 MEL_RATE = SAMPLE_RATE / HOP
+
+FEATURE_CHUNK = 32  # output frames whose features FeatureStream computes in one encoder call
 
 MIN_PEAK_DBFS = -60.0
 MIN_AUDIO_S = 0.2
@@ -150,18 +155,42 @@ def mel(samples: np.ndarray, sr: int = SAMPLE_RATE, chunk: int = 4096) -> np.nda
 
     Frames are computed `chunk` at a time so a long clip never holds all spectra at once.
     """
+    _check_rate(sr)
+    return mel_span(samples, 0, mel_frames(len(samples)), chunk)
+
+
+def mel_frames(n_samples: int) -> int:
+    """T: how many mel frames `mel` makes of `n_samples` samples."""
+    return 1 + n_samples // HOP
+
+
+def mel_span(samples: np.ndarray, first: int, stop: int, chunk: int = 4096) -> np.ndarray:
+    """[80, stop - first]: mel frames first .. stop - 1 of `samples` (16 kHz), the same values as
+    those columns of `mel(samples)`, computed from the samples they cover only. Columns outside
+    the audio (before frame 0, from frame T on) hold LOG_FLOOR, as `windows` pads them."""
+    total = mel_frames(len(samples))
+    out = np.full((stop - first, N_MELS), LOG_FLOOR, np.float32)
+    lo, hi = max(first, 0), min(stop, total)
+    if hi > lo:
+        # frame k covers samples k * HOP - WIN / 2 .. k * HOP + WIN / 2, zeros beyond the ends
+        begin, end = lo * HOP - WIN // 2, (hi - 1) * HOP + WIN - WIN // 2
+        x = np.zeros(end - begin, np.float32)
+        s0, s1 = max(begin, 0), min(end, len(samples))
+        x[s0 - begin : s1 - begin] = np.asarray(samples[s0:s1], np.float32) * 32768.0
+        frames = np.lib.stride_tricks.sliding_window_view(x, WIN)[::HOP]
+        window = np.hanning(WIN + 1)[:-1].astype(np.float32)
+        fb = mel_filters(SAMPLE_RATE).T
+        for start in range(0, len(frames), chunk):
+            block = frames[start : start + chunk] * window
+            power = np.abs(np.fft.rfft(block, N_FFT, axis=1)) ** 2
+            at = lo - first + start
+            out[at : at + len(block)] = np.log(np.maximum(power.astype(np.float32) @ fb, np.finfo(np.float32).eps))
+    return out.T.copy()
+
+
+def _check_rate(sr: int) -> None:
     if sr != SAMPLE_RATE:
         raise ValueError(f"mel expects {SAMPLE_RATE} Hz samples, got {sr} Hz; load_audio resamples")
-    x = np.pad(np.asarray(samples, np.float32) * 32768.0, (WIN // 2, WIN // 2))
-    frames = np.lib.stride_tricks.sliding_window_view(x, WIN)[::HOP]
-    window = np.hanning(WIN + 1)[:-1].astype(np.float32)
-    fb = mel_filters(sr).T
-    out = np.empty((len(frames), N_MELS), np.float32)
-    for start in range(0, len(frames), chunk):
-        block = frames[start : start + chunk] * window
-        power = np.abs(np.fft.rfft(block, N_FFT, axis=1)) ** 2
-        out[start : start + chunk] = np.log(np.maximum(power.astype(np.float32) @ fb, np.finfo(np.float32).eps))
-    return out.T.copy()
 
 
 def frame_plan(
@@ -217,3 +246,41 @@ def features(model: Union[object, Callable], mel_windows: np.ndarray, batch: int
 
     parts = [infer(model, "audio_encoder", {"mel": mel_windows[i : i + batch]}) for i in range(0, len(mel_windows), batch)]
     return np.concatenate(parts) if parts else np.zeros((0, FEATURE_DIM, FEATURE_STEPS), np.float32)
+
+
+class FeatureStream:
+    """A job's encoder features, computed `chunk` output frames at a time as they are asked for.
+
+    `stream[i]` is output frame i's [256, 20] features: what `features(model, windows(mel(samples),
+    n_frames, fps))[i]` gives, within float rounding, without computing the whole audio first.
+    Frames are meant to be asked for in order (as a stage decodes them); going back recomputes
+    the chunk. Costs one chunk of mel frames and one encoder call per `chunk` frames, so a job's
+    first frame is ready in milliseconds whatever the length of its audio.
+    """
+
+    def __init__(self, model: Union[object, Callable], samples: np.ndarray, sr: int, n_frames: int, fps: float,
+                 chunk: int = FEATURE_CHUNK, width: int = WINDOW):
+        _check_rate(sr)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.model, self.samples, self.n, self.fps, self.chunk, self.width = model, samples, n_frames, fps, chunk, width
+        self._first = 0
+        self._feats: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.n:
+            raise IndexError(f"frame {i} of {self.n}")
+        if self._feats is None or not 0 <= i - self._first < len(self._feats):
+            self._first, self._feats = i, self._compute(i, min(self.n, i + self.chunk))
+        return self._feats[i - self._first]
+
+    def _compute(self, lo: int, hi: int) -> np.ndarray:
+        half = self.width // 2
+        centres = np.round(np.arange(lo, hi) * (MEL_RATE / self.fps)).astype(np.int64)
+        centres = np.clip(centres, 0, mel_frames(len(self.samples)))  # as `windows` clips them
+        span = mel_span(self.samples, int(centres[0]) - half, int(centres[-1]) - half + self.width)
+        view = np.lib.stride_tricks.sliding_window_view(span, self.width, axis=1)
+        return features(self.model, np.ascontiguousarray(view[:, centres - centres[0], :].transpose(1, 0, 2)))

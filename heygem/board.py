@@ -15,6 +15,7 @@ Writers (stage processes)::
     row.gave(3)                                    # items out, progress time, heartbeat
     row.drop(1)                                    # items out and dropped (its job failed), heartbeat
     row.set_depth(out_queue.qsize())               # items waiting downstream of this stage
+    row.spend("input", 0.004)                      # wall seconds spent on one of `TIMES`
 
 Readers (the daemon, `heygem-ops monitor`)::
 
@@ -26,13 +27,28 @@ life, epoch seconds), `items_in` (items taken), `items_out` (items that left the
 or dropped), `dropped` (the part of `items_out` let go without being handed on, because its job
 failed or was cancelled or the stage was stopping), `progress_at` (when an item was last handed
 on: a drop is not progress), `depth` (the stage's output queue depth as the writer last saw it),
-`job` (current job id or None). The three counters only grow while the stage process lives, and
-`start()` sets them to 0 for a new one. `items_in - items_out` is what the stage holds right now,
-so a stage that failed a job and let go of its frames holds nothing; `items_out - dropped` is the
-work handed on. A stall is a row whose `progress_at` is old while it has input (`items_in >
-items_out`, or upstream depth > 0) and whose state is not "backpressure": a stage blocked on a
-full downstream queue is waiting, not stalled; the stage downstream is the one to look at. The
-rules live in the daemon; the board only records.
+`job` (current job id or None), and the seven `TIMES` counters below. The three item counters
+only grow while the stage process lives, and `start()` sets them to 0 for a new one. `items_in -
+items_out` is what the stage holds right now, so a stage that failed a job and let go of its
+frames holds nothing; `items_out - dropped` is the work handed on. A stall is a row whose
+`progress_at` is old while it has input (`items_in > items_out`, or upstream depth > 0) and whose
+state is not "backpressure": a stage blocked on a full downstream queue is waiting, not stalled;
+the stage downstream is the one to look at. The rules live in the daemon; the board only records.
+
+Where the stage's wall time went (`TIMES`), seconds since the stage process started, one field
+`<kind>_s` each: `work_s` (frames: decode reads, detects, crops and fills a slot; generate runs a
+batch; encode pastes and writes), `input_s` (waiting on its input queue inside a job: the stage
+upstream is slower; for generate also a batch waiting to fill), `output_s` (waiting for room in
+its output queue: the stage downstream is slower), `slot_s` (decode waiting for a free ring slot:
+every slot is in flight), `claim_s` (holding no job: decode asking the store for one, generate
+and encode waiting for the next job's first message), `start_s` (a job's start: decode's probe,
+audio and first features; generate taking the reference crop; encode opening the writer),
+`end_s` (a job's end: encode handing the job to its completion thread, or waiting for the
+previous job's completion, the encoder's last frames and the store, still under way).
+A stage charges each span as it ends, and a wait at least once per poll slice, so the seven add
+up to the stage's wall time within one slice. Differences of two snapshots say why a stage, the
+generator above all, is not busy 100 % of the time: `input_s` waits for decode, `output_s` for
+encode, `claim_s` and `start_s` are job boundaries. They only grow, and `start()` zeroes them.
 
 Consistency model: every field is one naturally aligned 8-byte word written with a single store,
 and each row has exactly one writer (its stage process), so a reader never sees a torn value and
@@ -40,7 +56,8 @@ counters never go backwards within one stage process. A snapshot is not atomic a
 rows: `items_in` may be one update ahead of `items_out`. Freshness is judged by `heartbeat`, never
 by consistency.
 
-Layout (version 2, little-endian, all offsets multiples of 8; version 1 had no `dropped`)::
+Layout (version 3, little-endian, all offsets multiples of 8; version 1 had no `dropped`,
+version 2 no `TIMES`)::
 
     header  magic b"HGBOARD1" | version u32 | replicas u32 | stages u32 | name_size u32
             | created f64 | creator pid i64 | stage names, name_size bytes each, NUL padded
@@ -68,10 +85,14 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Optional, Union
 
 MAGIC = b"HGBOARD1"
-VERSION = 2
+VERSION = 3
 NAME_SIZE = 32
-FIELDS = ("pid", "state", "heartbeat", "items_in", "items_out", "dropped", "progress_at", "depth", "job")
-_FLOATS = frozenset({"heartbeat", "progress_at"})
+# Where a stage's wall time goes (see the module's docstring); row field `<kind>_s` each.
+TIMES = ("work", "input", "output", "slot", "claim", "start", "end")
+FIELDS = ("pid", "state", "heartbeat", "items_in", "items_out", "dropped", "progress_at", "depth", "job",
+          *(f"{kind}_s" for kind in TIMES))
+_FLOATS = frozenset({"heartbeat", "progress_at", *(f"{kind}_s" for kind in TIMES)})
+_INDEX = {f: i for i, f in enumerate(FIELDS)}
 STAGE_STATES = ("absent", "starting", "idle", "busy", "backpressure", "stopped", "failed")
 _HEADER = struct.Struct("<8sIIIIdq")  # magic, version, replicas, stages, name_size, created, pid
 _NO_JOB = -1
@@ -116,14 +137,14 @@ class Row:
         self._base = index * len(FIELDS)
 
     def _set(self, field: str, value: Union[int, float]) -> None:
-        i = self._base + FIELDS.index(field)
+        i = self._base + _INDEX[field]
         if field in _FLOATS:
             self._board._f[i] = float(value)
         else:
             self._board._q[i] = int(value)
 
     def _get(self, field: str) -> Union[int, float]:
-        i = self._base + FIELDS.index(field)
+        i = self._base + _INDEX[field]
         return self._board._f[i] if field in _FLOATS else self._board._q[i]
 
     def start(self, pid: Optional[int] = None, now: Optional[float] = None) -> None:
@@ -139,6 +160,8 @@ class Row:
         one holding the previous process's items."""
         for field in ("items_in", "items_out", "dropped", "depth"):
             self._set(field, 0)
+        for kind in TIMES:
+            self._set(f"{kind}_s", 0.0)
         self._set("progress_at", 0.0)
         self._set("job", _NO_JOB)
         self.set_state("starting", now)
@@ -170,6 +193,11 @@ class Row:
         self._set("dropped", self._get("dropped") + n)
         self._set("items_out", self._get("items_out") + n)
         self.beat(now)
+
+    def spend(self, kind: str, seconds: float) -> None:
+        """Add `seconds` of wall time to `kind` (one of `TIMES`)."""
+        i = self._base + _INDEX[f"{kind}_s"]
+        self._board._f[i] += seconds
 
     def set_job(self, job_id: Optional[int]) -> None:
         self._set("job", _NO_JOB if job_id is None else job_id)

@@ -3,10 +3,17 @@
 Each stage is a spawned process running one loop. Frames live in the replica's `FrameRing`;
 queues carry `JobStart`, `FrameMsg` and `JobEnd` descriptors, in order, one job after another.
 
-    decode    claims a job from the store, reads audio and template, computes audio features,
-              finds the face box, writes frame + crop + features into a ring slot.
+    decode    claims a job from the store, reads audio and template, finds the face box, writes
+              frame + crop + audio features (computed a chunk of frames at a time) into a slot.
     generate  batches crops (default 4), runs the generator, writes the new crops into the slots.
-    encode    pastes each crop back, writes the video (temp name), muxes audio, marks success.
+    encode    pastes each crop back and writes the frame (to ffmpeg, which encodes it with the
+              audio as it comes; without ffmpeg to a silent video); a thread completes each job
+              (the encoder's last frames, the store) while the loop goes on with the next one.
+
+Jobs follow each other without a drain: decode claims the next job as soon as it has handed on
+the last frame of the current one, while generate and encode are still on that job's frames.
+Each stage splits its wall time on the board (`heygem.board.TIMES`: frames, or waiting for
+input, output, a slot, a job, a job's start or end) and logs it per job (`job_times`).
 
 Rules every loop follows:
 - Every wait is bounded (`bounded`, `get_bounded`, `put_bounded`) and re-checks `stop` and the
@@ -30,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -39,9 +47,9 @@ from typing import Iterable, NamedTuple, Optional, Union
 import numpy as np
 
 from heygem import failpoints, logs
-from heygem.board import Board
+from heygem.board import TIMES, Board
 from heygem.channels import Channels, release_queues
-from heygem.jobs import NAME_MAX, JobError, JobStore
+from heygem.jobs import NAME_MAX, JobError, JobStore, worker_host
 from heygem.ring import FrameRef, FrameRing, get_bounded, put_bounded
 from heygem.tuning import HELPER_NICE, tune_process
 
@@ -54,6 +62,8 @@ CANCEL_CHECK_S = 0.5
 # An idle decode asks the store for a job this often: a new job waits 25 ms on average, for
 # about 20 empty read transactions a second per replica.
 CLAIM_POLL_S = 0.05
+# How long a stopping encode stage still waits for a job completion under way (mux, store).
+COMPLETE_GRACE_S = 10.0
 # heygem.video names its own temp file after the file it is given, adding "." + "." + pid (at
 # most 7 digits on Linux) + ".partial" (".mux" for the muxer): the most a name grows there.
 WRITER_ROOM = len("." + ".4194304" + ".partial")
@@ -124,6 +134,28 @@ def views(ring: FrameRing, slot: int, height: int, width: int) -> SlotViews:
     )
 
 
+class Clock:
+    """Splits a stage's wall time into `heygem.board.TIMES`. Each span is charged as it ends
+    (`lap(kind)`: the time since the previous lap was spent on `kind`), to the board row (since
+    the process started) and to the job in hand (`job_times`, logged when the job ends)."""
+
+    def __init__(self, row):
+        self.row = row
+        self.at = time.perf_counter()
+        self.job: dict[str, float] = {}
+
+    def lap(self, kind: str) -> None:
+        now = time.perf_counter()
+        spent, self.at = now - self.at, now
+        self.row.spend(kind, spent)
+        self.job[kind] = self.job.get(kind, 0.0) + spent
+
+    def job_times(self) -> dict[str, float]:
+        """The job's seconds per kind so far; the count starts again for the next job."""
+        out, self.job = self.job, {}
+        return {kind: round(out[kind], 4) for kind in TIMES if kind in out}
+
+
 class Stage:
     """Shared behaviour of the three stage loops: board row, bounded queue I/O, job failure."""
 
@@ -134,7 +166,11 @@ class Stage:
         self.log = logs.get("pipeline").bind(replica=spec.replica, stage=self.name, worker=spec.worker)
         self.board = Board.attach(spec.board_name)
         self.row = self.board.row(spec.replica, self.name)
-        self.store = spec.store
+        self.clock = Clock(self.row)
+        self.doing = "claim"  # what the stage does between waits: "claim", "start", "work" or "end"
+        # A shared store (PostgreSQL) is seen through a view that rides out its outages: the job in
+        # hand is finished, no new one is claimed (heygem.jobs.WorkerStore). SQLite: the store itself.
+        self.store = spec.store.for_worker(self.stopping, self.log)
         # The spawner's pid, not getppid(): a stage born after its supervisor died already has
         # a new parent and would never notice.
         self.parent = spec.supervisor or os.getppid()
@@ -167,21 +203,51 @@ class Stage:
             return True
         return False
 
+    def now_doing(self, doing: str) -> None:
+        """Charge the time since the last lap to what the stage was doing, and switch."""
+        self.clock.lap(self.doing)
+        self.doing = doing
+
+    def waiting(self, kind: str):
+        """A `should_stop` for a bounded wait that charges every slice of it to `kind`."""
+
+        def check() -> bool:
+            self.clock.lap(kind)
+            return self.stopping()
+
+        return check
+
     def put(self, q, item, job: Optional[int] = None) -> bool:
         """Put until it fits; False when stopping or the job was aborted meanwhile.
 
-        Waiting here is backpressure, not a stall: the row says so, and keeps beating."""
-        while not self.stopping():
-            if job is not None and self.gone(job):
-                return False
-            if put_bounded(q, item, timeout=1.0, should_stop=self.ch.stop.is_set, poll=POLL_S):
-                self.row.set_depth(q.qsize())
-                return True
-            self.row.set_state("backpressure")
-        return False
+        Waiting here is backpressure, not a stall: the row says so, and keeps beating. The time
+        is charged to "output"."""
+        self.clock.lap(self.doing)
+        check = self.waiting("output")
+        try:
+            while not self.stopping():
+                if job is not None and self.gone(job):
+                    return False
+                if put_bounded(q, item, timeout=1.0, should_stop=check, poll=POLL_S):
+                    self.row.set_depth(q.qsize())
+                    return True
+                self.row.set_state("backpressure")
+            return False
+        finally:
+            self.clock.lap("output")
 
-    def get(self, q, timeout: float = 1.0):
-        return get_bounded(q, timeout, should_stop=self.stopping, poll=POLL_S)
+    def get(self, q, timeout: float = 1.0, kind: str = "input"):
+        """The next message or None (timeout, stop); the wait is charged to `kind`."""
+        self.clock.lap(self.doing)
+        try:
+            return get_bounded(q, timeout, should_stop=self.waiting(kind), poll=POLL_S)
+        finally:
+            self.clock.lap(kind)
+
+    def log_times(self, job: int, **extra) -> None:
+        """Log where this stage's time went for `job` (and start counting the next one)."""
+        self.clock.lap(self.doing)
+        self.log.info("job_times", job=job, **self.clock.job_times(), **extra)
 
     def event(self, kind: str, payload=None) -> None:
         put_bounded(self.ch.events, (kind, self.name, payload), timeout=5.0)
@@ -273,6 +339,7 @@ class Decode(Stage):
 
     def loop(self) -> None:
         while not self.stopping():
+            self.now_doing("claim")
             if self.ch.drain.is_set():
                 self.row.set_state("idle")
                 self.ch.stop.wait(POLL_S)
@@ -282,6 +349,7 @@ class Decode(Stage):
                 self.row.set_state("idle")
                 self.ch.stop.wait(CLAIM_POLL_S)
                 continue
+            self.now_doing("start")
             self._renewed = time.time()
             self.row.set_job(job.id)
             self.row.set_state("busy")
@@ -294,11 +362,14 @@ class Decode(Stage):
             finally:
                 self.put(self.ch.to_generate, JobEnd(job.id, sent))
                 self.row.set_job(None)
+                self.log_times(job.id)
 
     def decode(self, job) -> int:
         from heygem import audio, face, video
 
         spec = self.spec
+        if self.elsewhere(job):
+            return 0
         self.store.progress(job.id, spec.worker, 10, "features")
         info = video.probe(job.video, spec.max_width, spec.max_height)
         samples, sr = audio.load_audio(job.audio)
@@ -306,7 +377,7 @@ class Decode(Stage):
             plan = audio.frame_plan(len(samples) / sr, info.frames, info.fps)
         except audio.AudioError as err:
             raise audio.AudioError(f"{job.audio}: {err}") from None
-        feats = audio.features(self.encoder, audio.windows(audio.mel(samples, sr), len(plan), info.fps))
+        feats = audio.FeatureStream(self.encoder, samples, sr, len(plan), info.fps)  # a chunk at a time
         self.store.progress(job.id, spec.worker, 20, "frames")
         box = None
         output = job.output or str(Path(spec.output_dir) / f"job-{job.id}.mp4")
@@ -323,6 +394,7 @@ class Decode(Stage):
                                  crop)
                 if not self.put(self.ch.to_generate, start, job.id):
                     break
+                self.doing = "work"
             slot = self.acquire(job.id)
             if slot is None:
                 break
@@ -347,6 +419,20 @@ class Decode(Stage):
             sent += 1
         return sent
 
+    def elsewhere(self, job) -> bool:
+        """A shared store: a job whose input this host cannot see goes back to the queue for
+        another host, the reason recorded (it fails only once its attempts are used up). On one
+        host (SQLite) a missing input fails the job as any unreadable input does."""
+        missing = self.store.shared and [p for p in (job.audio, job.video) if not os.path.exists(p)]
+        if not missing:
+            return False
+        reason = f"input missing on {worker_host(self.spec.worker)}: {', '.join(missing)}"
+        after = self.store.release(job.id, self.spec.worker, reason)
+        self.log.warning("job_released", job=job.id, reason=reason, state=after.state, attempts=after.attempts)
+        self.event("job", {"job": job.id, "state": "released" if after.state == "queued" else "failed",
+                           "reason": after.reason})
+        return True
+
     def face_box(self, job, frame, index: int) -> tuple:
         from heygem import face
 
@@ -364,14 +450,19 @@ class Decode(Stage):
 
     def acquire(self, job: int) -> Optional[int]:
         """A free slot; waits (as backpressure, beating) while the ring is full."""
-        while not self.stopping():
-            if self.gone(job):
-                return None
-            slot = self.ch.ring.acquire(job, timeout=1.0, should_stop=self.ch.stop.is_set, poll=POLL_S)
-            if slot is not None:
-                return slot
-            self.row.set_state("backpressure")
-        return None
+        self.clock.lap(self.doing)
+        check = self.waiting("slot")
+        try:
+            while not self.stopping():
+                if self.gone(job):
+                    return None
+                slot = self.ch.ring.acquire(job, timeout=1.0, should_stop=check, poll=POLL_S)
+                if slot is not None:
+                    return slot
+                self.row.set_state("backpressure")
+            return None
+        finally:
+            self.clock.lap("slot")
 
 
 class Generate(Stage):
@@ -385,11 +476,13 @@ class Generate(Stage):
         self.session = self.open("generator", threads=self.spec.threads)
         self.buffers = Batch(self.spec.batch_size)
         self.started: Optional[JobStart] = None  # the job whose reference crop the buffers hold
+        self.batches = self.partial = 0  # the job's generator calls, and those on fewer than batch_size crops
 
     def loop(self) -> None:
         batch: list[FrameMsg] = []
         while not self.stopping():
-            msg = self.get(self.ch.to_generate, timeout=0.02 if batch else 1.0)
+            msg = self.get(self.ch.to_generate, timeout=0.02 if batch else 1.0,
+                           kind="claim" if self.doing == "claim" else "input")
             if msg is None:
                 batch = self.flush(batch)
                 self.row.set_state("idle")
@@ -405,12 +498,21 @@ class Generate(Stage):
                 continue
             batch = self.flush(batch)
             if isinstance(msg, JobStart):
+                self.now_doing("start")
                 self.buffers.set_reference(msg.reference)
                 self.started = msg
                 self.row.set_job(msg.job)
+                self.put(self.ch.to_encode, msg)
+                self.doing = "work"
             elif isinstance(msg, JobEnd):
+                self.now_doing("end")
                 self.row.set_job(None)
-            self.put(self.ch.to_encode, msg)
+                self.put(self.ch.to_encode, msg)
+                self.log_times(msg.job, batches=self.batches, partial_batches=self.partial)
+                self.batches = self.partial = 0
+                self.doing = "claim"
+            else:
+                self.put(self.ch.to_encode, msg)
         self.drop(batch)  # stopping
 
     def flush(self, batch: list[FrameMsg]) -> list[FrameMsg]:
@@ -436,6 +538,8 @@ class Generate(Stage):
             crops = [p.crop for p in parts]
             out = infer(self.session, "generator", self.buffers.inputs(crops, [p.features for p in parts]))
             self.buffers.outputs(out, crops)
+            self.batches += 1
+            self.partial += len(batch) < self.spec.batch_size
         except Exception as err:
             self.drop(batch)
             self.fail(job, _reason(err))
@@ -454,7 +558,16 @@ class Generate(Stage):
 
 
 class Encode(Stage):
-    """Pastes crops back, writes the video, muxes the audio and completes the job."""
+    """Pastes crops back, writes the video, muxes the audio and completes the job.
+
+    A job's completion (the mux, an ffmpeg run over the whole video, and the store's writes)
+    runs in a thread of its own while the loop goes on with the next job's frames, so a job's
+    end does not stall the replica: the ring and the queues would fill behind it and the
+    generator would wait (measured: the mux of a 100-frame 640x360 job took 0.45 s, as long as
+    its frames). One completion at a time, in job order; the loop waits (bounded, charged to
+    "end") only when the previous one is still running as the next job ends. The thread holds
+    no ring slot and writes no counter of the board row (one writer per row; a store waiting for
+    its database may beat the row's heartbeat through `stopping`, a lone timestamp)."""
 
     name = "encode"
 
@@ -462,10 +575,11 @@ class Encode(Stage):
         self.writer = None
         self.start: Optional[JobStart] = None
         self._progress_at = 0.0
+        self.completing: Optional[threading.Thread] = None
 
     def loop(self) -> None:
         while not self.stopping():
-            msg = self.get(self.ch.to_encode)
+            msg = self.get(self.ch.to_encode, kind="claim" if self.doing == "claim" else "input")
             if msg is None:
                 self.row.set_state("idle")
                 continue
@@ -474,17 +588,25 @@ class Encode(Stage):
             except Exception as err:  # handle() has let go of the message's slot already
                 self.abort_writer()
                 self.fail(msg.ref.job if isinstance(msg, FrameMsg) else msg.job, _reason(err))
+            if isinstance(msg, JobEnd):
+                self.log_times(msg.job)
+                self.doing = "claim"
         self.abort_writer()
+        self.completed(COMPLETE_GRACE_S)  # a completion under way may still finish its job
 
     def handle(self, msg) -> None:
         from heygem import face, video
 
         if isinstance(msg, JobStart):
+            self.now_doing("start")
             self.abort_writer()
             self.start = msg
             self.row.set_job(msg.job)
             video.make_output_folder(msg.output)
-            self.writer = video.VideoWriter(temp_path(Path(msg.output), "video"), msg.fps, msg.size)
+            # Named after the job: the previous job's completion may still hold a file of the same output.
+            self.writer = video.open_writer(temp_path(Path(msg.output), f"video-{msg.job}"), msg.fps, msg.size,
+                                            audio=msg.audio)
+            self.now_doing("work")
             return
         if isinstance(msg, FrameMsg):
             job = msg.ref.job
@@ -520,33 +642,74 @@ class Encode(Stage):
             self.store.progress(job, self.spec.worker, min(pct, 89), "frames")
 
     def finish(self, end: JobEnd) -> None:
-        from heygem import video
-
-        self.row.set_job(None)
+        self.now_doing("end")
         start, writer = self.start, self.writer
         self.start = self.writer = None
-        if writer is None or start is None or start.job != end.job or self.gone(end.job):
-            if writer is not None:
+        try:
+            if writer is None or start is None or start.job != end.job or self.gone(end.job):
+                if writer is not None:
+                    writer.abort()
+                return
+            if writer.frames != start.frames:
                 writer.abort()
-            return
-        if writer.frames != start.frames:
-            writer.abort()
-            if not self.store.cancelled(end.job) and not self.ch.stop.is_set():
-                self.fail(end.job, f"only {writer.frames} of {start.frames} frames arrived")
-            return
-        self.store.progress(end.job, self.spec.worker, 90, "mux")
+                if not self.store.cancelled(end.job) and not self.ch.stop.is_set():
+                    self.fail(end.job, f"only {writer.frames} of {start.frames} frames arrived")
+                return
+            if not self.completed():  # the previous job's completion first: stopping
+                writer.abort()
+                return
+            self.completing = threading.Thread(target=self.complete, args=(end.job, start, writer),
+                                               name=f"complete-{end.job}", daemon=True)
+            self.completing.start()
+        finally:  # after a dropped job's writer and its temp file are gone (an encoder takes a moment)
+            self.row.set_job(None)
+
+    def completed(self, limit: Optional[float] = None) -> bool:
+        """Wait for the completion under way, if any: True once there is none. Bounded: gives
+        up (False) when the stage stops, or after `limit` s when given. The wait is "end"."""
+        thread, began = self.completing, time.monotonic()
+        while thread is not None and thread.is_alive():
+            if limit is None and self.stopping() or limit is not None and time.monotonic() - began > limit:
+                return False
+            self.row.beat()
+            thread.join(POLL_S)
+            self.clock.lap("end")
+        self.completing = None
+        return True
+
+    def complete(self, job: int, start: JobStart, writer) -> None:
+        """(thread) Close the job's writer (an `EncodedWriter`: ffmpeg's last frames) or mux the
+        audio under its silent video, and complete the job in the store. Any error fails the
+        job, and nothing of it is left at or beside its output path."""
+        from heygem import video
+
+        began = time.perf_counter()
         final = Path(start.output)
-        staged = temp_path(final, "done")
-        muxed = video.mux(writer.close(), start.audio, staged)
-        try:  # the job may have been cancelled or handed elsewhere meanwhile: then no output
-            self.store.renew(end.job, self.spec.worker, self.spec.lease_s)
-        except JobError:
-            staged.unlink(missing_ok=True)
-            raise
-        os.replace(staged, final)
-        self.store.succeed(end.job, self.spec.worker, str(final))
-        self.log.info("job_succeeded", job=end.job, frames=start.frames, output=str(final), muxed=muxed)
-        self.event("job", {"job": end.job, "state": "succeeded", "frames": start.frames, "muxed": muxed})
+        staged = done = temp_path(final, "done")
+        try:
+            self.store.progress(job, self.spec.worker, 90, "mux")
+            done = writer.close()
+            if writer.muxed:
+                staged, muxed = done, True
+            else:
+                muxed = video.mux(done, start.audio, staged)
+            took = time.perf_counter() - began
+            # the job may have been cancelled or handed elsewhere meanwhile: then no output
+            self.store.renew(job, self.spec.worker, self.spec.lease_s)
+            os.replace(staged, final)
+            self.store.succeed(job, self.spec.worker, str(final))
+        except Exception as err:
+            writer.abort()
+            for leftover in (done, staged):
+                leftover.unlink(missing_ok=True)
+            try:
+                self.fail(job, _reason(err))
+            except Exception as why:  # the store itself failing: the lease runs out, the job is requeued
+                self.log.error("job_fail_failed", job=job, reason=_reason(err), why=_reason(why))
+            return
+        self.log.info("job_succeeded", job=job, frames=start.frames, output=str(final), muxed=muxed,
+                      mux_s=round(took, 4), complete_s=round(time.perf_counter() - began, 4))
+        self.event("job", {"job": job, "state": "succeeded", "frames": start.frames, "muxed": muxed})
 
     def abort_writer(self) -> None:
         if self.writer is not None:

@@ -26,6 +26,10 @@ def tune_process() -> None:
     - OpenCV's thread pool goes to 1: a replica's parallelism is its three stage processes (and
       the generator's ONNX Runtime pool); a pool per process sized to every core oversubscribes
       them, and each parallel loop then waits on its slowest, preempted, thread.
+    - numpy's OpenBLAS pool goes to 1 as well (`blas_threads`), for a worse reason: after each
+      matrix product its idle workers spin. The audio features' mel filterbank is one product
+      per chunk of frames, and decode's spinning worker burned 1.5 ms of CPU per frame on a core
+      the generator needed (issue 16: decode 4.7 -> 3.2 ms of CPU per frame, 2 cores).
     - glibc malloc keeps blocks below 64 MiB on the heap and lets 64 MiB of free heap stay
       mapped. Frames and batches are megabytes, allocated and freed at video rate; by default
       glibc hands freed ones back to the kernel and the next use page-faults fresh zeroed pages:
@@ -37,9 +41,39 @@ def tune_process() -> None:
     import cv2
 
     cv2.setNumThreads(1)
+    blas_threads(1)
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError):
         return
     mallopt(_M_MMAP_THRESHOLD, HEAP_KEEP_BYTES)
     mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_BYTES)
+
+
+# OpenBLAS's setter, under the names its builds export (numpy's wheels: scipy_openblas64_).
+_BLAS_SETTERS = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+                 "scipy_openblas_set_num_threads", "openblas_set_num_threads64_")
+
+
+def blas_threads(n: int) -> list[str]:
+    """Set the thread count of every OpenBLAS this process has loaded (numpy's, once numpy is
+    imported), as threadpoolctl does, without the dependency. Returns the libraries set."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(maxsplit=5)[5].strip() for line in maps
+                     if "openblas" in line.lower() and len(line.split(maxsplit=5)) == 6}
+    except OSError:
+        return []
+    done = []
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        setter = next((getattr(lib, name) for name in _BLAS_SETTERS if hasattr(lib, name)), None)
+        if setter is not None:
+            setter(int(n))
+            done.append(path)
+    return done

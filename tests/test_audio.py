@@ -125,6 +125,41 @@ def test_windows_are_centred_on_each_frame_and_padded_with_silence():
     assert (w[99, :, -1] == audio.LOG_FLOOR).all()
 
 
+def encoder(feeds: dict) -> np.ndarray:
+    """A stand-in audio encoder with the contract's shapes: [n, 80, 80] -> [n, 256, 20], every
+    output a function of its own window only (each window's mean and a few of its values)."""
+    x = feeds["mel"]
+    out = np.repeat(x[:, :, ::4].mean(axis=1, keepdims=True), 256, axis=1)
+    return out + x[:, :1, :1] * np.arange(256, dtype=np.float32)[None, :, None] / 256
+
+
+@pytest.mark.parametrize("seconds, fps, extra", [(4.0, 25.0, 0), (1.21, 25.0, 3), (3.0, 29.97, 0), (0.5, 60.0, 2)])
+def test_streamed_features_are_the_whole_audio_features(seconds, fps, extra):
+    """A chunk at a time (issue 16: a long job's first frame must not wait for its whole audio),
+    the same features, frames past the audio's end included (silence)."""
+    rng = np.random.default_rng(3)
+    samples = (0.3 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
+    n = round(seconds * fps) + extra
+    whole = audio.features(encoder, windows(mel(samples), n, fps))
+    for chunk in (1, 7, audio.FEATURE_CHUNK):
+        stream = audio.FeatureStream(encoder, samples, 16000, n, fps, chunk=chunk)
+        assert len(stream) == n
+        np.testing.assert_allclose(np.stack([stream[i] for i in range(n)]), whole, rtol=0, atol=1e-5)
+    with pytest.raises(IndexError):
+        stream[n]
+    with pytest.raises(ValueError, match="16000 Hz"):
+        audio.FeatureStream(encoder, samples, 44100, n, fps)
+
+
+def test_mel_span_is_those_columns_of_mel_and_silence_beyond():
+    samples = tone(440, 1.0, 16000).astype(np.float32)
+    whole = mel(samples)
+    span = audio.mel_span(samples, -30, whole.shape[1] + 20)
+    np.testing.assert_array_equal(span[:, 30:-20], whole)
+    assert (span[:, :30] == audio.LOG_FLOOR).all() and (span[:, -20:] == audio.LOG_FLOOR).all()
+    np.testing.assert_array_equal(audio.mel_span(samples, 17, 61), whole[:, 17:61])
+
+
 def test_frame_plan_follows_the_audio_and_ping_pongs():
     assert frame_plan(0.4, 4, 25.0) == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
     plan = frame_plan(7.0, 100, 25.0)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from heygem.board import FIELDS, Board, BoardError
+from heygem.board import FIELDS, TIMES, Board, BoardError
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("decode", "features", "generate", "encode")
@@ -36,6 +36,9 @@ def _stage(board: Board, replica: int, stage: str) -> None:
     row.gave(5, now=12.0)
     row.drop(2, now=13.0)
     row.set_depth(3)
+    row.spend("work", 1.5)
+    row.spend("input", 0.25)
+    row.spend("work", 0.5)
     board.close()
 
 
@@ -50,6 +53,7 @@ def test_spawned_stage_writes_parent_reads(board):
     assert rows[(1, "generate")] == {
         "replica": 1, "stage": "generate", "pid": child.pid, "state": "busy", "heartbeat": 13.0,
         "items_in": 8, "items_out": 7, "dropped": 2, "progress_at": 12.0, "depth": 3, "job": 42,
+        **{f"{kind}_s": 0.0 for kind in TIMES}, "work_s": 2.0, "input_s": 0.25,
     }
     untouched = rows[(0, "decode")]
     assert (untouched["state"], untouched["job"], untouched["items_out"], untouched["heartbeat"]) == ("absent", None, 0, 0.0)
@@ -82,7 +86,7 @@ def test_attach_errors_name_the_problem(board):
         Board.create(board.name, replicas=1, stages=["x"])
     other = SharedMemory(name=f"heygem_test_notboard_{secrets.token_hex(4)}", create=True, size=4096)
     try:
-        with pytest.raises(BoardError, match="is not a version 2 stage board"):
+        with pytest.raises(BoardError, match="is not a version 3 stage board"):
             Board.attach(other.name)
     finally:
         other.close()
@@ -131,6 +135,7 @@ def test_start_begins_with_clean_counters(board):
     row.drop(1)
     row.set_depth(4)
     row.set_job(7)
+    row.spend("claim", 3.0)
     row.start(pid=200, now=5.0)
     got = row.read()
     assert {k: got[k] for k in ("pid", "state", "heartbeat", "items_in", "items_out", "dropped", "progress_at",
@@ -138,3 +143,4 @@ def test_start_begins_with_clean_counters(board):
         "pid": 200, "state": "starting", "heartbeat": 5.0, "items_in": 0, "items_out": 0, "dropped": 0,
         "progress_at": 0.0, "depth": 0, "job": None,
     }
+    assert all(got[f"{kind}_s"] == 0.0 for kind in TIMES)

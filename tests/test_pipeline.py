@@ -111,6 +111,50 @@ def test_jobs_produce_playable_videos_of_the_audio_length(pipeline, inputs, tmp_
     assert {s["active"][0] for s in sessions.values()} == {"CPUExecutionProvider"}
 
 
+def test_stages_account_for_their_time_and_jobs_follow_without_a_drain(pipeline, inputs, tmp_path):
+    """Issue 16. Every stage splits its wall time on the board (`TIMES`, seconds), so the parts
+    add up to the time that passed; and decode takes the next job while the current one is
+    still being generated, encoded or completed: jobs overlap, nothing drains between them."""
+    from heygem.board import TIMES
+
+    def charged() -> tuple[float, dict]:
+        """Seconds charged per stage, plus what an idle stage has waited since its last slice."""
+        now = time.time()
+        return now, {r["stage"]: sum(r[f"{k}_s"] for k in TIMES) + (now - r["heartbeat"])
+                     for r in pipeline.board.snapshot()}
+
+    store = pipeline.store
+    t0, before = charged()
+    ids = [store.submit(str(inputs["audio"]), str(inputs["template"]), str(tmp_path / f"o{i}.mp4")).id for i in range(3)]
+    overlapped = set()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not all(finished(store, i)() for i in ids):
+        pipeline.poll()
+        decoding = {r["stage"]: r["job"] for r in pipeline.board.snapshot()}["decode"]
+        if decoding in ids[1:] and store.get(ids[ids.index(decoding) - 1]).state == "running":
+            overlapped.add(decoding)
+        time.sleep(0.003)
+    assert all(store.get(i).state == "succeeded" for i in ids), [store.get(i) for i in ids]
+    assert overlapped, "decode started no job before the previous one was complete"
+    assert wait(lambda: all(r["job"] is None for r in pipeline.board.snapshot()), 10, pipeline)
+    t1, after = charged()
+    for stage in after:
+        assert after[stage] - before[stage] == pytest.approx(t1 - t0, abs=0.3), stage
+    rows = {r["stage"]: r for r in pipeline.board.snapshot()}
+    assert rows["generate"]["work_s"] > 0 and rows["decode"]["start_s"] > 0 and rows["encode"]["work_s"] > 0
+
+
+def test_jobs_writing_one_output_one_after_another_do_not_collide(pipeline, inputs, tmp_path):
+    """The second job's frames are written while the first job is still being completed (its
+    encoder's last frames, the store): their temp files are named after their jobs."""
+    store, folder = pipeline.store, tmp_path / "videos"
+    ids = [store.submit(str(inputs["audio"]), str(inputs["template"]), str(folder / "same.mp4")).id for _ in range(2)]
+    assert wait(lambda: all(finished(store, i)() for i in ids), 90, pipeline)
+    assert [store.get(i).state for i in ids] == ["succeeded", "succeeded"], [store.get(i).reason for i in ids]
+    assert frame_count(folder / "same.mp4") == round(1.2 * FPS)
+    assert [p.name for p in folder.iterdir()] == ["same.mp4"], "temp files are renamed or removed"
+
+
 def test_generate_runs_before_its_helpers_on_a_busy_cpu(pipeline):
     """The bottleneck gets the CPU first: decode and encode run HELPER_NICE nicer."""
     from heygem.tuning import HELPER_NICE
@@ -175,7 +219,7 @@ def test_cancel_stops_a_running_job(pipeline, inputs, tmp_path):
 def test_a_killed_stage_is_seen_and_its_job_requeued_on_restart(pipeline, inputs, tmp_path):
     store = pipeline.store
     job = store.submit(str(inputs["long_audio"]), str(inputs["template"]), str(tmp_path / "k.mp4")).id
-    assert wait(lambda: store.get(job).progress > 20, 30, pipeline)
+    assert wait(lambda: store.get(job).progress >= 20, 30, pipeline)  # its frames have begun
     replica = pipeline.replicas[0]
     os.kill(replica.pids()["generate"], signal.SIGKILL)  # a process this test's pipeline started
     assert wait(lambda: "generate" in replica.dead(), 10, pipeline)
@@ -202,7 +246,7 @@ def test_stop_drains_a_running_job_within_the_grace(pipeline, inputs, tmp_path):
 def test_stop_requeues_what_the_grace_cannot_finish(pipeline, inputs, tmp_path):
     store = pipeline.store
     job = store.submit(str(inputs["long_audio"]), str(inputs["template"]), str(tmp_path / "r.mp4")).id
-    assert wait(lambda: store.get(job).progress > 20, 30, pipeline)
+    assert wait(lambda: store.get(job).progress >= 20, 30, pipeline)  # its frames have begun
     assert pipeline.stop(grace_s=0.2) == [job]
     assert store.get(job).state == "queued"
     assert not (tmp_path / "r.mp4").exists()

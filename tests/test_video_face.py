@@ -113,6 +113,75 @@ def test_mux_with_ffmpeg_adds_the_audio(tmp_path):
     assert probe(tmp_path / "final.mp4").frames >= 9
 
 
+def has_audio(path) -> bool:
+    import subprocess
+
+    probe_cmd = [shutil.which("ffprobe") or "ffprobe", "-v", "error", "-select_streams", "a", "-show_entries",
+                 "stream=codec_name", "-of", "csv=p=0", str(path)]
+    return "aac" in subprocess.run(probe_cmd, capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_encoded_writer_makes_what_mux_makes_in_one_pass(tmp_path):
+    """Issue 16: frames go to ffmpeg as they come (no mp4v, no second pass at the job's end);
+    the file is H.264 + AAC, atomically published, every frame in its place."""
+    from heygem.assets import make_speech_audio
+
+    wav = make_speech_audio(tmp_path / "a.wav", 1.0)
+    final = tmp_path / "final.mp4"
+    writer = video.open_writer(final, 10.0, (64, 48), wav)
+    assert isinstance(writer, video.EncodedWriter) and writer.muxed
+    with writer:
+        for i in range(10):
+            writer.write(np.full((48, 64, 3), 10 * (i + 1), np.uint8))
+        assert not final.exists()
+    assert [p.name for p in tmp_path.iterdir()] == sorted(["a.wav", "final.mp4"])
+    cap = cv2.VideoCapture(str(final))
+    fourcc = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode("ascii", "replace").lower()
+    assert fourcc in ("h264", "avc1"), fourcc
+    cap.release()
+    assert [index_of(f) for f in read_frames(final, range(10))] == list(range(10))
+    assert has_audio(final)
+    assert isinstance(video.open_writer(tmp_path / "silent.mp4", 10.0, (64, 48)), video.VideoWriter)  # no audio
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_encoded_writer_aborts_cleanly_and_says_why_ffmpeg_failed(tmp_path):
+    from heygem.assets import make_speech_audio
+
+    wav = make_speech_audio(tmp_path / "a.wav", 1.0)
+    final = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError):
+        with video.EncodedWriter(final, 10.0, (64, 48), wav) as out:
+            out.write(np.zeros((48, 64, 3), np.uint8))
+            raise RuntimeError("stage failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"], "abort kills ffmpeg and leaves nothing"
+    with pytest.raises(VideoError, match=r"out\.mp4: frame 1 is \(48, 60, 3\) uint8"):
+        with video.EncodedWriter(final, 10.0, (64, 48), wav) as out:
+            out.write(np.zeros((48, 64, 3), np.uint8))
+            out.write(np.zeros((48, 60, 3), np.uint8))
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("this is not audio\n")
+    with pytest.raises(VideoError, match=r"out\.mp4: ffmpeg (stopped|failed to) encod"):
+        with video.EncodedWriter(final, 10.0, (64, 48), not_audio) as out:
+            for _ in range(200):  # ffmpeg gives up on the audio; a write or the close says so
+                out.write(np.zeros((48, 64, 3), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "notes.wav"]
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_encoded_writer_ends_the_video_with_the_audio_as_mux_does(tmp_path):
+    """-shortest: frames past the audio's end are dropped, not an error (the pipe closes early)."""
+    from heygem.assets import make_speech_audio
+
+    wav = make_speech_audio(tmp_path / "a.wav", 0.5)
+    with video.EncodedWriter(tmp_path / "out.mp4", 25.0, (64, 48), wav) as out:
+        for _ in range(400):
+            out.write(np.zeros((48, 64, 3), np.uint8))
+    assert out.frames == 400 and out.ended
+    assert 10 <= probe(tmp_path / "out.mp4").frames < 100
+
+
 def test_crop_then_paste_back_is_nearly_lossless():
     frame = smooth_image()
     original = frame.copy()
