@@ -11,11 +11,11 @@ chance to clean up, and still leaves the zombies of a parent that does not reap.
   KILL; only with --yes or a confirmation), so its zombies are re-parented to the subreaper (the
   daemon) or init, which reap them, and its supervisor starts it again. The daemon itself is never
   nudged or stopped: it reaps its own children.
-- Orphaned workers: processes that carry the root's marker `HEYGEM_OPS_DAEMON=<pid>:<create time>`
+- Orphaned workers: processes that carry the root's marker `HEYGEM_OPS_DAEMON=<pid>:<start ticks>`
   in their environment (the daemon sets it for the workers it starts; children inherit it) but are
   no longer in its tree, or, under systemd, processes in the unit's cgroup that do not descend from
   its main pid. They are terminated (TERM, grace, KILL).
-- Every signal goes through watchdog.procs (pid + create time verified right before sending).
+- Every signal goes through watchdog.procs (pid + start time verified right before sending).
 
 `plan()` is a pure function of the observed facts, so what clean would do is unit-tested without
 processes; `--dry-run` prints exactly that plan.
@@ -45,7 +45,7 @@ class Proc:
     """One observed process."""
 
     pid: int
-    create_time: float
+    start_ticks: int
     ppid: int
     command: str
 
@@ -58,6 +58,7 @@ class Observed:
     zombies: tuple[Proc, ...]
     orphans: tuple[Proc, ...]
     daemon_pid: Optional[int] = None
+    main_pid: Optional[int] = None  # --unit: systemd's MainPID (0: the unit has none)
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,13 @@ class Step:
     """One line of the plan. `what`: nudge, restart (only if the nudge did not help), terminate, leave."""
 
     pid: int
-    create_time: float
+    start_ticks: int
     command: str
     what: str
     signal: str
     why: str
     zombies: tuple[int, ...] = field(default=())
-    descendants: tuple[tuple[int, float], ...] = field(default=())  # (pid, create time) stopped with it
+    descendants: tuple[tuple[int, int], ...] = field(default=())  # (pid, start ticks) stopped with it
 
 
 ACTIONS = ("nudge", "restart", "terminate")
@@ -94,12 +95,12 @@ def plan(observed: Observed, grace_s: float) -> list[Step]:
         if p.pid not in zombie_pids:
             children[p.ppid].append(p)
 
-    def live_descendants(pid: int) -> tuple[tuple[int, float], ...]:
+    def live_descendants(pid: int) -> tuple[tuple[int, int], ...]:
         """A restarted parent takes its workers with it; left running they would be orphans."""
         found, todo = [], list(children[pid])
         while todo:
             p = todo.pop()
-            found.append((p.pid, p.create_time))
+            found.append((p.pid, p.start_ticks))
             todo.extend(children[p.pid])
         return tuple(sorted(found))
 
@@ -111,14 +112,14 @@ def plan(observed: Observed, grace_s: float) -> list[Step]:
         zs = tuple(sorted(pids))
         count = f"{len(zs)} zombie(s)"
         if ppid == observed.daemon_pid:
-            steps.append(Step(ppid, parent.create_time, parent.command, "leave", "-",
+            steps.append(Step(ppid, parent.start_ticks, parent.command, "leave", "-",
                               f"{count}: the heygem-ops daemon reaps its own children", zs))
             continue
-        steps.append(Step(ppid, parent.create_time, parent.command, "nudge", "SIGCHLD",
+        steps.append(Step(ppid, parent.start_ticks, parent.command, "nudge", "SIGCHLD",
                           f"{count}: a parent with a SIGCHLD handler reaps them now", zs))
         family = live_descendants(ppid)
         with_family = f" (with its {len(family)} live descendant(s))" if family else ""
-        steps.append(Step(ppid, parent.create_time, parent.command, "restart", kill,
+        steps.append(Step(ppid, parent.start_ticks, parent.command, "restart", kill,
                           f"only if its zombies outlive the nudge: stop the parent{with_family}; a zombie can only "
                           "be reaped by its parent; once the parent exits they are re-parented to the subreaper "
                           "or init, which reaps them, and the service's supervisor starts the parent again",
@@ -126,7 +127,7 @@ def plan(observed: Observed, grace_s: float) -> list[Step]:
     for o in sorted(observed.orphans, key=lambda p: p.pid):
         zs = tuple(sorted(by_parent.get(o.pid, ())))
         also = f"; its {len(zs)} zombie(s) go with it" if zs else ""
-        steps.append(Step(o.pid, o.create_time, o.command, "terminate", kill,
+        steps.append(Step(o.pid, o.start_ticks, o.command, "terminate", kill,
                           f"orphaned worker of the service (parent now pid {o.ppid}): nobody will stop it "
                           f"and it keeps its memory and GPU memory{also}", zs))
     return steps
@@ -144,11 +145,13 @@ class _Usage(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """How the scope is found again after acting: a root (pid + create time) or a unit."""
+    """How the scope is found again after acting: a root (pid + start ticks) or a unit. `slack`:
+    how many ticks the root's identity may be off (a legacy pidfile's, converted from a create time)."""
 
     kind: str  # "pid" | "daemon" | "unit"
-    root: Optional[tuple[int, float]] = None
+    root: Optional[tuple[int, int]] = None
     unit: Optional[str] = None
+    slack: int = 0
 
     def describe(self) -> str:
         if self.kind == "unit":
@@ -157,17 +160,14 @@ class Target:
 
 
 def _snapshot() -> dict[int, tuple]:
-    """pid -> (create_time, ppid, status, command, uid) of every process we may see."""
-    import psutil
+    """pid -> (start ticks, ppid, status, command, uid) of every process we may see (status is
+    "zombie" for a zombie, else the kernel's state letter)."""
+    from watchdog.procs import _cmdline, _scan, real_uid
 
     out = {}
-    for p in psutil.process_iter(["create_time", "ppid", "status", "cmdline", "name", "uids"]):
-        info = p.info
-        if info["create_time"] is None or info["ppid"] is None:
-            continue
-        command = " ".join(info["cmdline"] or []) or f"[{info['name']}]"
-        uid = info["uids"].real if info["uids"] else None
-        out[p.pid] = (info["create_time"], info["ppid"], info["status"], command, uid)
+    for pid, st in _scan().items():
+        command = _cmdline(pid) or f"[{st.name}]"
+        out[pid] = (st.start_ticks, st.ppid, "zombie" if st.state == "Z" else st.state, command, real_uid(pid))
     return out
 
 
@@ -183,8 +183,12 @@ def _tree(root: int, snap: dict[int, tuple]) -> set[int]:
         return set()
 
 
-def _marker(pid: int) -> Optional[tuple[int, float]]:
-    """The daemon identity in the process's environment, or None (unmarked, unreadable, gone)."""
+def _marker(pid: int) -> Optional[tuple[int, int, int]]:
+    """The daemon identity in the process's environment as (pid, start ticks, slack), or None
+    (unmarked, unreadable, gone). `<pid>:<ticks>` is exact; `<pid>:<create time>` (a float, what
+    earlier versions wrote) is converted and matched within a second."""
+    from watchdog.procs import LEGACY_SLACK_TICKS, ticks_of_create_time
+
     prefix = f"{MARKER}=".encode()
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -193,16 +197,18 @@ def _marker(pid: int) -> Optional[tuple[int, float]]:
         return None
     for entry in env.split(b"\0"):
         if entry.startswith(prefix):
-            pid_s, _, created = entry[len(prefix):].decode(errors="replace").partition(":")
+            pid_s, _, started = entry[len(prefix):].decode(errors="replace").partition(":")
             try:
-                return int(pid_s), float(created)
-            except ValueError:
+                if started.isdecimal():
+                    return int(pid_s), int(started), 0
+                return int(pid_s), ticks_of_create_time(float(started)), LEGACY_SLACK_TICKS
+            except (ValueError, OSError):
                 return None
     return None
 
 
-def _same_identity(a: tuple[int, float], b: tuple[int, float]) -> bool:
-    return a[0] == b[0] and abs(a[1] - b[1]) < 0.01  # create times are in clock ticks (10 ms)
+def _same_identity(a: tuple[int, int], b: tuple[int, int], slack: int = 0) -> bool:
+    return a[0] == b[0] and abs(a[1] - b[1]) <= slack
 
 
 def _unit_cgroup(unit: str) -> tuple[int, Path]:
@@ -244,7 +250,7 @@ def _cgroup_pids(path: Path) -> set[int]:
     return pids
 
 
-def observe(target: Target, daemon: Optional[tuple[int, float]]) -> Observed:
+def observe(target: Target, daemon: Optional[tuple[int, int]]) -> Observed:
     """Read the live system for `target`; `daemon` is the live daemon's identity, if any."""
     snap = _snapshot()
 
@@ -255,8 +261,8 @@ def observe(target: Target, daemon: Optional[tuple[int, float]]) -> Observed:
     def live(pid: int) -> bool:
         return pid in snap and snap[pid][2] != "zombie"
 
-    def root_alive(root: tuple[int, float]) -> bool:
-        return root[0] in snap and _same_identity((root[0], snap[root[0]][0]), root)
+    def root_alive(root: tuple[int, int]) -> bool:
+        return root[0] in snap and _same_identity((root[0], snap[root[0]][0]), root, target.slack)
 
     if target.kind == "unit":
         main, path = _unit_cgroup(target.unit)
@@ -270,13 +276,14 @@ def observe(target: Target, daemon: Optional[tuple[int, float]]) -> Observed:
         orphan_pids = {
             pid for pid, (_, _, status, _, uid) in snap.items()
             if uid == me and pid not in scope and status != "zombie"
-            and (mark := _marker(pid)) is not None and _same_identity(mark, target.root)
+            and (mark := _marker(pid)) is not None and _same_identity(mark[:2], target.root, mark[2] + target.slack)
         }
     everyone = scope | orphan_pids
     zombies = tuple(proc(pid) for pid, info in snap.items() if info[2] == "zombie" and info[1] in everyone)
     parents = {pid: proc(pid) for pid in everyone if pid in snap}
     daemon_pid = daemon[0] if daemon and daemon[0] in scope else None
-    return Observed(parents, zombies, tuple(parents[p] for p in sorted(orphan_pids)), daemon_pid)
+    return Observed(parents, zombies, tuple(parents[p] for p in sorted(orphan_pids)), daemon_pid,
+                    main if target.kind == "unit" else None)
 
 
 # ---- acting ------------------------------------------------------------------------------------
@@ -323,12 +330,12 @@ def apply(steps: list[Step], grace_s: float, wait_s: float, confirm: Callable[[S
     done = []
     orphans = [s for s in steps if s.what == "terminate"]
     if orphans:
-        result = terminate([ProcRef(s.pid, s.create_time) for s in orphans], grace_s)
+        result = terminate([ProcRef(s.pid, s.start_ticks) for s in orphans], grace_s)
         outcome = {ref.pid: how for how, refs in result.items() for ref in refs}
         done += [Done(s.pid, "terminate", outcome.get(s.pid, "gone")) for s in orphans]
     nudged = []
     for s in (s for s in steps if s.what == "nudge"):
-        if send(ProcRef(s.pid, s.create_time), signal.SIGCHLD):
+        if send(ProcRef(s.pid, s.start_ticks), signal.SIGCHLD):
             nudged.append(s)
         else:
             done.append(Done(s.pid, "nudge", "parent gone (or pid reused): not signalled"))
@@ -345,7 +352,7 @@ def apply(steps: list[Step], grace_s: float, wait_s: float, confirm: Callable[[S
         if escalate(nudged_at, max(time.monotonic(), deadline), wait_s, restart_ok=confirm(restart)) != RESTART:
             done.append(Done(s.pid, "restart", "skipped: SIGCHLD did not help; rerun with --yes to restart it"))
             continue
-        parent = ProcRef(s.pid, s.create_time)
+        parent = ProcRef(s.pid, s.start_ticks)
         result = terminate([parent, *(ProcRef(*d) for d in restart.descendants)], grace_s)
         how = next(how for how, refs in result.items() if parent in refs)
         if restart.descendants:
@@ -363,15 +370,20 @@ def _fail(message: str) -> None:
     raise click.exceptions.Exit(USAGE)
 
 
-def _resolve(env, pid: Optional[int], unit: Optional[str]) -> tuple[Target, Optional[tuple[int, float]]]:
+def _resolve(env, pid: Optional[int], unit: Optional[str]) -> tuple[Target, Optional[tuple[int, int]]]:
     """The target and the live daemon's identity (from its pidfile), or exit 2."""
     import psutil
 
     from watchdog.procs import ProcRef
     from watchdog.state import StatePaths, read_pidfile
 
+    from watchdog.procs import LEGACY_SLACK_TICKS
+
     record = read_pidfile(StatePaths(env.config.state_dir()))
-    daemon = (record.pid, record.create_time) if record and record.alive() else None
+    live = record.ref() if record else None
+    daemon = (live.pid, live.start_ticks) if live else None
+    if record is not None and not pid and not unit and (why := record.untrusted()):
+        _fail(f"{StatePaths(env.config.state_dir()).pidfile}: {why}")
     if unit:
         return Target("unit", unit=unit if "." in unit else f"{unit}.service"), daemon
     if pid:
@@ -379,11 +391,12 @@ def _resolve(env, pid: Optional[int], unit: Optional[str]) -> tuple[Target, Opti
             ref = ProcRef.of(pid)
         except psutil.NoSuchProcess:
             _fail(f"no process with pid {pid}")
-        return Target("pid", root=(ref.pid, ref.create_time)), daemon
+        return Target("pid", root=(ref.pid, ref.start_ticks)), daemon
     if record is None:
         _fail(f"no daemon pidfile in {env.config.state_dir()}: name the service with --pid PID or --unit NAME")
     # A dead daemon still names its orphans: they carry its identity in their environment.
-    return Target("daemon", root=(record.pid, record.create_time)), daemon
+    return Target("daemon", root=daemon or (record.pid, record.start_ticks),
+                  slack=LEGACY_SLACK_TICKS if record.legacy and not daemon else 0), daemon
 
 
 def _print_plan(target: Target, steps: list[Step]) -> None:
@@ -392,9 +405,9 @@ def _print_plan(target: Target, steps: list[Step]) -> None:
 
     out = console()
     if not steps:
-        out.print(f"nothing to clean in {target.describe()}: no zombies, no orphaned workers")
+        out.print(Text(f"nothing to clean in {target.describe()}: no zombies, no orphaned workers"))
         return
-    table = Table(title=f"plan for {target.describe()}", title_justify="left")
+    table = Table(title=Text(f"plan for {target.describe()}"), title_justify="left")
     table.add_column("pid", no_wrap=True)
     table.add_column("command", overflow="ellipsis", no_wrap=True, max_width=48)
     table.add_column("what", no_wrap=True)
@@ -402,7 +415,7 @@ def _print_plan(target: Target, steps: list[Step]) -> None:
     table.add_column("why", overflow="fold", ratio=1)
     style = {"nudge": "yellow", "restart": "red", "terminate": "red", "leave": "dim"}
     for s in steps:
-        table.add_row(str(s.pid), Text(" ".join(s.command.split())), Text(s.what, style=style[s.what]), s.signal, s.why)
+        table.add_row(str(s.pid), Text(" ".join(s.command.split())), Text(s.what, style=style[s.what]), s.signal, Text(s.why))
     out.print(table)
 
 
@@ -435,7 +448,8 @@ def _print_done(done: list[Done], remaining: list[Step], leftover: dict[int, int
 @click.option("--pid", "pid", type=click.IntRange(min=1), help="Root of the service's process tree (e.g. `python app.py`).")
 @click.option("--unit", help="A systemd unit: its cgroup is the scope (e.g. heygem-ops).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing (exit 1 when it has actions).")
-@click.option("--yes", is_flag=True, help="Restart a parent whose zombies outlive SIGCHLD without asking.")
+@click.option("--yes", is_flag=True, help="Restart a parent whose zombies outlive SIGCHLD without asking; with --unit, "
+              "also act on a unit that has no main process (every process of its cgroup is then an orphan).")
 @click.option("--nudge-wait", "wait_s", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="Seconds to give nudged parents to reap (and re-parented zombies to be reaped).")
 @click.option("--json", "as_json", is_flag=True, help="Print {target, plan, done, remaining, clean} as JSON.")
@@ -446,10 +460,12 @@ def clean(env, pid: Optional[int], unit: Optional[str], dry_run: bool, yes: bool
     The scope is --pid's tree, --unit's cgroup, or by default the heygem-ops daemon's tree (from
     its pidfile). Never matches command lines: other processes on the host are never touched.
     The plan is printed first. A zombie's parent gets SIGCHLD; only if its zombies stay is it
-    restarted (SIGTERM, grace, SIGKILL), with --yes or after confirming.
+    restarted (SIGTERM, grace, SIGKILL), with --yes or after confirming. A --unit with no main
+    process is refused (exit 2) unless --yes: all of its cgroup would count as orphans.
 
     Exit code: 0 clean (dry run: nothing to do), 1 problems remain (dry run: the plan has actions),
-    2 unknown pid/unit or no daemon.
+    2 unknown pid/unit, no daemon, a unit without a main process (without --yes), or an untrusted
+    pidfile.
 
     \b
     Examples:
@@ -462,9 +478,15 @@ def clean(env, pid: Optional[int], unit: Optional[str], dry_run: bool, yes: bool
     grace_s = env.config.actions.term_grace_s
     try:
         target, daemon = _resolve(env, pid, unit)
-        steps = plan(observe(target, daemon), grace_s)
+        observed = observe(target, daemon)
+        steps = plan(observed, grace_s)
     except _Usage as err:
         _fail(str(err))
+    if target.kind == "unit" and not observed.main_pid and has_actions(steps) and not (yes or dry_run):
+        _fail(f"--unit {target.unit} has no main process (MainPID=0), so every process in its control group "
+              f"counts as an orphan and would be terminated ({len(observed.orphans)} of them); check "
+              f"`systemctl status {target.unit}`, `heygem-ops clean --unit {target.unit} --dry-run` shows the plan, "
+              "and --yes carries it out")
     doc = {"target": target.describe(), "dry_run": dry_run, "plan": [asdict(s) for s in steps]}
     if not as_json:
         _print_plan(target, steps)

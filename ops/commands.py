@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -41,6 +42,18 @@ class LazyGroup(click.Group):
             return None
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx):
+        """A configuration error found after load (the state directory, a token file, an address
+        the daemon cannot resolve) ends any command as a bad config does: its message, exit 2."""
+        try:
+            return super().invoke(ctx)
+        except Exception as err:
+            config = sys.modules.get("watchdog.config")  # not imported: it cannot be a ConfigError
+            if config is not None and isinstance(err, config.ConfigError):
+                click.echo(f"error: {err}", err=True)
+                raise click.exceptions.Exit(2) from None
+            raise
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

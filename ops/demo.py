@@ -83,8 +83,8 @@ def _follow(pipeline, store, ids: list[int], deadline: float, quiet: bool):
     import sys
 
     from rich.console import Console
-
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
     begun = time.monotonic()
     ready_s = None
@@ -98,7 +98,7 @@ def _follow(pipeline, store, ids: list[int], deadline: float, quiet: bool):
             for replica, kind, stage, payload in pipeline.poll():
                 if kind == "fatal":
                     fatal.append({"replica": replica, "stage": stage, "reason": payload["reason"]})
-                    errors.print(f"[red]replica {replica} {stage}: {payload['reason']}[/red]")
+                    errors.print(Text(f"replica {replica} {stage}: {payload['reason']}", style="red"))
             if ready_s is None and pipeline.ready():
                 ready_s = time.monotonic() - begun
                 bar.update(boot, completed=1, description=f"replicas ready ({ready_s:.1f} s)")
@@ -143,6 +143,7 @@ def _short(providers) -> str:
 
 def _render(result: dict) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from ops.context import console
 
@@ -153,19 +154,19 @@ def _render(result: dict) -> None:
     for r in result["replicas"]:
         for role, s in sorted(r["sessions"].items()):
             colour = "red" if s["fallback"] else "green"
-            replicas.add_row(str(r["index"]), str(r["device"]), role, _short(s["requested"]),
-                             f"[{colour}]{_short(s['active'])}[/{colour}]")
+            replicas.add_row(str(r["index"]), str(r["device"]), role, Text(_short(s["requested"])),
+                             Text(_short(s["active"]), style=colour))
     out.print(replicas)
     table = Table(title="Jobs", title_justify="left")
     for col in ("job", "state", "attempts", "seconds", "output / reason"):
         table.add_column(col)
     for j in result["jobs"]:
         colour = "green" if j["state"] == "succeeded" else "red"
-        table.add_row(str(j["id"]), f"[{colour}]{j['state']}[/{colour}]", str(j["attempts"]),
-                      f"{j['updated_at'] - j['created_at']:.1f}", j["result"] or j["reason"] or "")
+        table.add_row(str(j["id"]), Text(j["state"], style=colour), str(j["attempts"]),
+                      f"{j['updated_at'] - j['created_at']:.1f}", Text(j["result"] or j["reason"] or ""))
     out.print(table)
     done = sum(j["state"] == "succeeded" for j in result["jobs"])
     out.print(f"{done} of {len(result['jobs'])} jobs succeeded in {result['wall_s']:.1f} s"
               + (f" (replicas ready after {result['startup_s']:.1f} s)" if result["startup_s"] is not None else ""))
     if result["preview"]:
-        out.print(f"preview of the first video: {result['preview']}")
+        out.print(Text(f"preview of the first video: {result['preview']}"))

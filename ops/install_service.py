@@ -40,6 +40,7 @@ SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 USER_DROPS = {
     "a user manager cannot switch identity": ("DynamicUser", "User", "Group", "SupplementaryGroups"),
     "attaching the cgroup device filter needs privileges": ("DevicePolicy", "DeviceAllow"),
+    "an IP address filter is a cgroup BPF program, which a user manager cannot attach": ("IPAddressDeny", "IPAddressAllow"),
     "reducing the capability bounding set needs CAP_SETPCAP": ("CapabilityBoundingSet",),
     # Depending on the systemd version these are silently ignored in user units, or they force
     # PrivateUsers= and fail the start where unprivileged user namespaces are disabled; and

@@ -21,10 +21,22 @@ POLL_S = 0.5
 
 
 def _store(env):
-    from heygem.jobs import JobStore
-    from watchdog.state import StatePaths
+    """The configured job store (`[store]`): SQLite in the state directory, or the fleet's
+    PostgreSQL, checked here: a store that cannot work as configured exits 2, one that does not
+    answer exits 1, each with the reason."""
+    from heygem.jobs import UNAVAILABLE, StoreConfigError
+    from watchdog.store import open_job_store
 
-    return JobStore(StatePaths(env.config.state_dir()).store)
+    try:
+        store = open_job_store(env.config)
+        if store.shared:
+            store.prepare()
+    except StoreConfigError as err:
+        _fail(f"job store: {err}")
+    except UNAVAILABLE as err:
+        click.echo(f"error: job store: {err}", err=True)
+        raise click.exceptions.Exit(PROBLEM) from None
+    return store
 
 
 def _daemon_running(env) -> bool:
@@ -75,32 +87,34 @@ def submit(env, audio: Path, video: Path, output: Optional[Path], code: Optional
       heygem-ops submit speech.wav face.mp4 --out /data/out/42.mp4 --code task-42 --json
     """
     from heygem.jobs import DuplicateCode, OutputNameTooLong
+    from rich.text import Text
 
     if output is not None and not output.parent.is_dir():
         _fail(f"--out {output}: folder {output.parent} does not exist")
+    store = _store(env)
     try:
-        job = _store(env).submit(str(audio), str(video), None if output is None else str(output), code)
+        job = store.submit(str(audio), str(video), None if output is None else str(output), code)
     except (DuplicateCode, OutputNameTooLong) as err:
         _fail(str(err))
-    if not _daemon_running(env):
+    if not store.shared and not _daemon_running(env):  # a shared store: any host's daemon runs it
         click.echo(f"warning: job {job.id} is queued, but no heygem-ops daemon is running: it starts when one "
                    "does (`heygem-ops start` or `systemctl start heygem-ops`)", err=True)
     if not wait:
         if as_json:
             emit_json(job.to_dict())
         else:
-            console().print(f"job {job.id} queued (code {job.code})")
+            console().print(Text(f"job {job.id} queued (code {job.code})"))
         return
     job = _wait(env, job, timeout_s, show=not as_json)
     if as_json:
         emit_json(job.to_dict())
     elif job.state == "succeeded":
-        console().print(f"[green]job {job.id} succeeded:[/] {job.result}")
+        console().print(Text.assemble((f"job {job.id} succeeded:", "green"), f" {job.result}"))
     elif job.state in ("failed", "cancelled"):
-        console().print(f"[red]job {job.id} {job.state}:[/] {job.reason}")
+        console().print(Text.assemble((f"job {job.id} {job.state}:", "red"), f" {job.reason}"))  # paths: foreign text
     else:
-        console().print(f"[yellow]job {job.id} still {job.state} ({job.progress} %, {job.stage}) after "
-                        f"{timeout_s:g} s; it keeps going: `heygem-ops jobs`[/]")
+        console().print(Text(f"job {job.id} still {job.state} ({job.progress} %, {job.stage}) after "
+                             f"{timeout_s:g} s; it keeps going: `heygem-ops jobs`", style="yellow"))
     raise click.exceptions.Exit(OK if job.state == "succeeded" else PROBLEM)
 
 
@@ -141,9 +155,13 @@ def jobs(env, state: Optional[str], limit: int, as_json: bool) -> None:
 
     if state is not None and state not in STATES:
         raise click.BadParameter(f"{state!r}; one of {', '.join(STATES)}", param_hint="'--state'")
-    found = _store(env).list(state, limit)
+    store = _store(env)
+    found = store.list(state, limit)
+    # a queued job's place in line: claims (a replica's, or the front's toward upstream) take the oldest first
+    positions = {job.id: i + 1 for i, job in enumerate(sorted(store.list("queued", 1 << 30), key=lambda j: j.id))} \
+        if any(job.state == "queued" for job in found) else {}
     if as_json:
-        emit_json([job.to_dict() for job in found])
+        emit_json([{**job.to_dict(), **({"position": positions[job.id]} if job.id in positions else {})} for job in found])
         return
     out = console()
     if not found:
@@ -155,14 +173,17 @@ def jobs(env, state: Optional[str], limit: int, as_json: bool) -> None:
     from ops.context import age
 
     table = Table(title=f"{len(found)} job(s), newest first", title_justify="left")
-    for column in ("id", "code", "state", "progress", "stage", "attempts", "age"):
+    fleet = ("host",) if store.shared else ()  # a shared store: which host holds (or last held) each job
+    for column in ("id", "code", "state", "progress", "stage", "attempts", "age", *fleet):
         table.add_column(column, justify="right" if column in ("id", "progress", "attempts") else "left", no_wrap=True)
     table.add_column("result or reason", overflow="fold", ratio=1)
     now = time.time()
     for job in found:
         style = STATE_STYLE[job.state]
-        table.add_row(str(job.id), Text(job.code), Text(job.state, style=style), f"{job.progress} %", Text(job.stage),
-                      str(job.attempts), age(now - job.created_at), Text(_outcome(job), style=style))
+        stage = f"{job.stage}, position {positions[job.id]}" if job.id in positions else job.stage
+        table.add_row(str(job.id), Text(job.code), Text(job.state, style=style), f"{job.progress} %", Text(stage),
+                      str(job.attempts), age(now - job.created_at), *[Text(job.host or "-") for _ in fleet],
+                      Text(_outcome(job), style=style))
     out.print(table)
 
 

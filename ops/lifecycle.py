@@ -4,9 +4,11 @@ Replaces `ps aux | grep 'python app.py' | xargs kill -9; nohup python app.py &`.
 runs the host and knows the heygem-ops unit, these delegate to `systemctl` (it owns the cgroup,
 the restart policy and the journal). Otherwise the daemon is started detached (own session, stdin
 from /dev/null, output appended to daemon.log) and found again through its pidfile, which records
-pid AND create time: a stop never signals a process that merely reuses the pid. Stop is TERM first
-(the daemon drains within [daemon] stop_grace_s and stops its children), then KILL for whatever of
-the tree captured before the TERM is still there.
+pid AND start time (clock ticks since boot, which a clock step does not change): a stop never
+signals a process that merely reuses the pid, nor one named by a pidfile that neither root nor
+that process's own user owns (exit 2). Stop is TERM first (the daemon drains within [daemon]
+stop_grace_s and stops its children), then KILL for whatever of the tree captured before the
+TERM is still there.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Optional
 
 import click
 
-from ops.context import OK, PROBLEM, age, console, emit_json
+from ops.context import OK, PROBLEM, USAGE, age, console, emit_json
 
 UNIT = "heygem-ops"
 POLL_S = 0.2
@@ -174,7 +176,7 @@ def _start(env, paths, timeout_s: float, no_wait: bool) -> int:
 def _stop(config, paths) -> int:
     import psutil
 
-    from watchdog.procs import ProcRef, terminate, tree, wait_exit
+    from watchdog.procs import terminate, tree, wait_exit
     from watchdog.state import read_pidfile
 
     record = read_pidfile(paths)
@@ -184,11 +186,15 @@ def _stop(config, paths) -> int:
             _say(f"removed an unreadable pidfile {paths.pidfile}")
         _say(f"no daemon is running (no pidfile in {paths.root})")
         return OK
-    if not record.alive():
+    why = record.untrusted()
+    if why:
+        _say(f"error: {paths.pidfile}: {why}", err=True)
+        return USAGE
+    daemon = record.ref()
+    if daemon is None:
         paths.pidfile.unlink(missing_ok=True)
         _say(f"the pidfile was stale (pid {record.pid} is not that daemon any more); removed {paths.pidfile}")
         return OK
-    daemon = ProcRef(record.pid, record.create_time)
     try:
         refs = tree(record.pid)  # captured before the TERM: after it, the children are re-parented
     except psutil.NoSuchProcess:
@@ -252,7 +258,7 @@ def start(env, timeout_s: float, no_wait: bool) -> None:
 @click.pass_obj
 def stop(env) -> None:
     """Stop the daemon: SIGTERM, wait for its drain ([daemon] stop_grace_s), then SIGKILL whatever
-    is left of its process tree. Only the process the pidfile names (pid and create time) is
+    is left of its process tree. Only the process the pidfile names (pid and start time) is
     signalled; a stale pidfile is removed. With the systemd unit installed: `systemctl stop`.
 
     \b
@@ -292,7 +298,6 @@ def restart(env, timeout_s: float, no_wait: bool) -> None:
 
 def observe(env, now: float) -> dict:
     """Everything `status` reports, as one JSON-ready object; `problems` empty means healthy."""
-    from heygem.jobs import JobStore
     from ops.monitor import STALE_TICKS, look, replica_rows, stage_rows, zombie_count
 
     config, paths = env.config, _paths(env)
@@ -327,6 +332,10 @@ def observe(env, now: float) -> dict:
     alerts = snap.get("alerts", []) if snap else []
     problems += [f"critical alert {a['alert']}{' ' + a['key'] if a['key'] else ''}: {a['summary']}"
                  for a in alerts if a["severity"] == "critical"]
+    from watchdog.store import status_view
+
+    jobs, store, trouble = status_view(config, paths)  # a shared store: which host holds which job
+    problems += [trouble] if trouble else []
     return {
         "healthy": not problems, "problems": problems, "state_dir": str(paths.root),
         "manager": "systemd" if manager else "pidfile", "unit": _unit_state(manager) if manager else None,
@@ -335,7 +344,7 @@ def observe(env, now: float) -> dict:
                                                "tick_s": snap["tick_s"], "mode": snap["mode"], "config": snap["config"]},
         "replicas": replica_rows(snap, now) if snap else [], "stages": stage_rows(snap, now) if snap else [],
         "external": snap.get("external") if snap else None,
-        "jobs": JobStore(paths.store).counts(), "alerts": alerts, "restarts": snap.get("restarts", {}) if snap else {},
+        "jobs": jobs, "store": store, "alerts": alerts, "restarts": snap.get("restarts", {}) if snap else {},
         "units": snap.get("units", {}) if snap else {},
         "zombies": zombie_count(snap) if snap else None, "orphans": snap.get("orphans", []) if snap else None,
     }
@@ -355,7 +364,7 @@ def _render(report: dict) -> None:
         health = ("healthy", "green") if d["up"] else ("unhealthy", "bold red")
         out.print(Text.assemble("daemon   ", ("up", "green") if d["up"] else ("running", "yellow"),
                                 f"   pid {d['pid']}, up {age(d['uptime_s'])}, {d['http']}, ", health))
-    out.print(f"state    {report['state_dir']}" + (f"   systemd unit {UNIT}: {report['unit']}" if report["unit"] else ""))
+    out.print(Text(f"state    {report['state_dir']}" + (f"   systemd unit {UNIT}: {report['unit']}" if report["unit"] else "")))
     if d["pid"] is not None:
         reasons = "; ".join(f"{k}: {v}" for k, v in report["not_ready"].items())
         out.print(Text.assemble("ready    ", ("yes", "green") if report["ready"] else (f"no: {reasons or '?'}", "bold red")))
@@ -372,12 +381,24 @@ def _render(report: dict) -> None:
         out.print(tree_text(report["zombies"], len(report["orphans"])))
         out.print(alerts_table(report["alerts"]))
     out.print(jobs_text(report["jobs"]))
+    if report["store"]["hosts"] is not None:
+        out.print(_fleet_text(report["store"]))
     if report["healthy"]:
         out.print(Text("healthy", style="bold green"))
     else:
         out.print(Text(f"{len(report['problems'])} problem(s):", style="bold red"))
         for problem in report["problems"]:
             out.print(Text(f"  - {brief(problem)}", style="red"))
+
+
+def _fleet_text(store: dict):
+    """A shared store: which host holds which running job."""
+    from rich.text import Text
+
+    hosts = store["hosts"]
+    held = " · ".join(f"{host or '(no host)'} holds {len(ids)} (job{'s' if len(ids) > 1 else ''} "
+                      f"{', '.join(map(str, ids))})" for host, ids in hosts.items())
+    return Text(f"fleet    {store['where']}: {held or 'no job running on any host'}")
 
 
 @click.command()

@@ -138,7 +138,7 @@ def replicas_table(rows: list[dict]):
             why = f"cannot load {', '.join(r['missing_libraries'])}" if r["missing_libraries"] else brief(r["fallback_reason"] or "")
             problem = f"CPU fallback{': ' + why if why else ''}. {problem}".strip()
         table.add_row(str(r["replica"]), str(r["device"]), Text("yes", "green") if r["ready"] else Text("no", "red"),
-                      ", ".join(r["requested"]) or "-", running, str(r["restarts"]),
+                      Text(", ".join(r["requested"]) or "-"), running, str(r["restarts"]),
                       f"{age(r['since_start_s'])} ago" if r["since_start_s"] is not None else "-",
                       Text(problem, style="red"))
     return table
@@ -200,6 +200,29 @@ def external_text(ext: dict):
                 style="" if ext["exit_code"] is None else "red")
 
 
+def front_text(front: dict, now: float):
+    """The daemon in front of upstream (watchdog.front): upstream's state, what it holds, who waits."""
+    from rich.text import Text
+
+    pace = front.get("pace") or {}
+    learned = pace.get("s_per_audio_second")
+    per = (f"{learned:.2f} s per s of audio" if learned is not None else
+           f"{pace['s_per_task']:.1f} s per task" if pace.get("s_per_task") is not None else
+           f"nothing learned yet (floor {pace.get('floor_s', 0):g} s)")
+    head = (f"upstream {front['upstream']}: {'answers' if front['ready'] else 'not answering'}; "
+            f"{front['outstanding']}/{front['concurrency']} at upstream, {front['waiting']} waiting; pace {per}")
+    parts: list = [(head, "" if front["ready"] else "red")]
+    for h in front.get("held", ()):
+        idle = max(0.0, now - h["last_change"])
+        parts.append((f"\n  {h['code']}: {h['progress']} % {h['msg'] or h['phase']}, attempt {h['attempt']}, "
+                      f"still {idle:.0f} s of {h['deadline_s']:.0f} s allowed", "red" if idle > h["deadline_s"] else ""))
+    waiting = front.get("positions", ())
+    if waiting:
+        shown = ", ".join(f"{p['position']}. {p['code']}" for p in waiting[:5])
+        parts.append(f"\n  next: {shown}" + (f" (+{front['waiting'] - 5} more)" if front["waiting"] > 5 else ""))
+    return Text.assemble(*parts)
+
+
 def tree_text(zombies: int, orphans: int):
     from rich.text import Text
 
@@ -257,8 +280,34 @@ def _header(seen: Look, now: float):
     return Text.assemble(line, "   ", ready, tick, wedged)
 
 
-def frame(seen: Look, counts: dict[str, int], running: list, now: float):
-    """One screen: the daemon line, GPUs, replicas, workers and queues, zombies, alerts, jobs."""
+def time_text(snap: dict, before: Optional[dict] = None):
+    """Where each stage's wall time went (the board's `TIMES`): since the previous frame's
+    snapshot (`before`, same stage process), else since the stage started. A generator that is
+    not busy says here what it waits for: input (decode), output (encode), claim (no job)."""
+    from rich.text import Text
+
+    from heygem.board import TIMES
+
+    old = {(r["replica"], r["stage"], r["pid"]): r for r in (before or {}).get("stages", [])}
+    lines, windowed = [], False
+    for r in snap.get("stages", []):
+        prev = old.get((r["replica"], r["stage"], r["pid"]))
+        spent = {k: r.get(f"{k}_s", 0.0) - (prev.get(f"{k}_s", 0.0) if prev else 0.0) for k in TIMES}
+        windowed |= prev is not None
+        total = sum(spent.values())
+        if total <= 0:
+            continue
+        shares = sorted(((v / total, k) for k, v in spent.items() if v / total >= 0.005), reverse=True)
+        lines.append(f"\n  {r['replica']} {r['stage']:<9} " + " · ".join(f"{k} {share:.0%}" for share, k in shares))
+    if not lines:
+        return Text("")
+    span = f"last {snap['time'] - before['time']:.0f} s" if windowed and before and "time" in snap else "since start"
+    return Text.assemble(f"where the stages' time went ({span}):", *lines)
+
+
+def frame(seen: Look, counts: dict[str, int], running: list, now: float, before: Optional[dict] = None):
+    """One screen: the daemon line, GPUs, replicas, workers and queues, zombies, alerts, jobs.
+    `before`: an earlier snapshot, for the stages' time over the span between the two."""
     from rich.console import Group
 
     parts: list = [_header(seen, now)]
@@ -267,8 +316,10 @@ def frame(seen: Look, counts: dict[str, int], running: list, now: float):
         parts.append(_gpus(snap))
         if snap.get("external"):
             parts.append(external_text(snap["external"]))
+            if snap.get("front"):
+                parts.append(front_text(snap["front"], now))
         else:
-            parts += [replicas_table(replica_rows(snap, now)), stages_table(stage_rows(snap, now))]
+            parts += [replicas_table(replica_rows(snap, now)), stages_table(stage_rows(snap, now)), time_text(snap, before)]
         parts += [tree_text(zombie_count(snap), len(snap.get("orphans", []))), alerts_table(snap.get("alerts", []))]
     parts.append(jobs_text(counts))
     if running:
@@ -338,17 +389,24 @@ def monitor(env, interval: float, once: bool) -> None:
       heygem-ops monitor --interval 5
       heygem-ops monitor --once | less   one frame, no key reading
     """
-    from heygem.jobs import JobStore
     from ops.context import console
     from watchdog.state import StatePaths
 
     config = env.config
     paths = StatePaths(config.state_dir())
-    store = JobStore(paths.store)
+    from watchdog.store import open_job_store
+
+    store = open_job_store(config, paths)  # [store]: SQLite here, or the fleet's PostgreSQL (worker names carry hosts)
+
+    seen_before: dict = {}  # the previous frame's snapshot: the stages' time is shown over the span since
 
     def paint():
         now = time.time()
-        return frame(look(paths, config.daemon.interval_s, now), store.counts(), store.list(state="running"), now)
+        seen = look(paths, config.daemon.interval_s, now)
+        shown = frame(seen, store.counts(), store.list(state="running"), now, seen_before.get("snap"))
+        if seen.snapshot is not None and seen.snapshot.get("time") != (seen_before.get("snap") or {}).get("time"):
+            seen_before["snap"] = seen.snapshot
+        return shown
 
     if once:
         console().print(paint())

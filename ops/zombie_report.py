@@ -47,6 +47,14 @@ def _members(zs, shown: int = 3) -> str:
     return text + (f"\n+{len(zs) - shown} more" if len(zs) > shown else "")
 
 
+def _plain(text: str):
+    """Another user's text (a command line, a process name) as rich Text: never read as markup,
+    so `[/oops]` prints as it is instead of crashing the table and `[link=...]` makes no link."""
+    from rich.text import Text
+
+    return Text(text)
+
+
 def _print_table(groups, total: int, root: int | None) -> None:
     where = f"in the tree of pid {root}" if root else "on this host"
     out = console()
@@ -61,6 +69,7 @@ def _print_table(groups, total: int, root: int | None) -> None:
     table.add_column("parent command", overflow="fold", ratio=1)
     for g in groups:
         first = g.zombies[0]
-        table.add_row(str(g.ppid), first.parent_user or "?", age(g.parent_age_s), str(len(g.zombies)), _members(g.zombies), g.parent_cmdline or first.parent_name or "?")
+        table.add_row(str(g.ppid), _plain(first.parent_user or "?"), age(g.parent_age_s), str(len(g.zombies)),
+                      _plain(_members(g.zombies)), _plain(g.parent_cmdline or first.parent_name or "?"))
     out.print(table)
     out.print("Only a parent can reap its zombies: make it reap, or restart it (`heygem-ops clean --dry-run` shows how).")

@@ -38,7 +38,7 @@ spec = json.loads(sys.argv[1])
 parent = subprocess.Popen(spec["parent"])
 if spec["orphan"]:
     me = psutil.Process(parent.pid)  # its create time is set at fork, unchanged by exec
-    marker = f"{me.pid}:{me.create_time()}"
+    marker = f"{me.pid}:{me.create_time()}"  # as versions before start ticks wrote it: still recognised
     subprocess.Popen(spec["orphan"], env={**os.environ, "HEYGEM_OPS_DAEMON": marker})
 stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -90,10 +90,9 @@ while any(state(z) != b"Z" for z in zombies) and time.monotonic() < deadline:
     time.sleep(0.01)
 worker = None
 if "worker" in sys.argv[3:]:
-    import psutil
-    me = psutil.Process()
+    ticks = open("/proc/self/stat", "rb").read().rsplit(b")", 1)[1].split()[19].decode()  # start time, clock ticks
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
-                              env={**os.environ, "HEYGEM_OPS_DAEMON": f"{me.pid}:{me.create_time()}"}).pid
+                              env={**os.environ, "HEYGEM_OPS_DAEMON": f"{os.getpid()}:{ticks}"}).pid
 if mode == "reaps":
     def reap(*_):
         try:
@@ -130,8 +129,14 @@ class Family:
                 self.stop()
                 raise TimeoutError(f"family printed {buf!r}")
             buf += chunk
-        for line in buf.decode().splitlines():
-            self.info.update(json.loads(line))
+        # Two processes share the pipe: one's line can land inside the other's ({...}{...}\n\n).
+        text, at, decoder = buf.decode(), 0, json.JSONDecoder()
+        while at < len(text):
+            if text[at].isspace():
+                at += 1
+                continue
+            found, at = decoder.raw_decode(text, at)
+            self.info.update(found)
         self.pid, self.zombies, self.worker = self.info["pid"], self.info["zombies"], self.info["worker"]
         self.orphan = self.info.get("orphan")
         mine = [self.pid, *filter(None, [self.worker, self.orphan])]
@@ -182,7 +187,7 @@ def state_env(tmp_path):
 # ---- the plan ----------------------------------------------------------------------------------
 
 def _p(pid: int, ppid: int = 1, command: str = "python app.py") -> Proc:
-    return Proc(pid, 1000.0 + pid, ppid, command)
+    return Proc(pid, 1000 + pid, ppid, command)
 
 
 def test_plan_nudges_then_conditionally_restarts_each_unreaping_parent():
@@ -194,7 +199,7 @@ def test_plan_nudges_then_conditionally_restarts_each_unreaping_parent():
         (12, "nudge", "SIGCHLD"), (12, "restart", "SIGTERM, SIGKILL after 7 s"),
     ]
     assert steps[0].zombies == (20, 21) and steps[2].zombies == (22,)
-    assert steps[1].create_time == 1011.0
+    assert steps[1].start_ticks == 1011
     assert "only be reaped by its parent" in steps[1].why and "only if" in steps[1].why
     assert has_actions(steps)
 

@@ -87,3 +87,13 @@ def test_cli_missing_config_exits_2(tmp_path, cli):
     result = cli("--config", str(tmp_path / "nope.toml"), "doctor")
     assert result.returncode == 2
     assert "nope.toml: no such config file" in result.stderr
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("[::1]", True), ("localhost", True),
+    ("0.0.0.0", False), ("::", False), ("", False), ("192.168.1.20", False), ("myhost", False), ("::ffff:10.0.0.1", False),
+])
+def test_what_counts_as_loopback(host, loopback):
+    from watchdog.config import is_loopback
+
+    assert is_loopback(host) is loopback

@@ -232,6 +232,7 @@ def test_oversize_body_is_refused_unread(world):
     conn = http.client.HTTPConnection("127.0.0.1", world.api.port, timeout=10)
     try:
         conn.putrequest("POST", "/easy/submit")
+        conn.putheader("Content-Type", "application/json")
         conn.putheader("Content-Length", str(MAX_BODY + 1))
         conn.endheaders()  # the server must answer from the header alone
         resp = conn.getresponse()
@@ -398,3 +399,55 @@ def test_result_outside_the_data_folder_is_given_absolute(world):
     elsewhere = world.state.parent / "elsewhere.mp4"
     assert world.files.result(str(elsewhere)) == str(elsewhere)
     assert world.files.result(os.path.join(world.data, "x-r.mp4")) == "/x-r.mp4"
+
+
+# ---- who may ask: Host names, the token --------------------------------------------------------------
+@pytest.mark.parametrize("host, ok", [
+    ("localhost", True), ("LOCALHOST:8383", True), ("127.0.0.1", True), ("127.0.0.1:8383", True), ("127.1.2.3:1", True),
+    ("[::1]", True), ("[::1]:8383", True), ("localhost.", True),
+    ("evil.example", False), ("evil.example:8383", False), ("127.0.0.1.nip.io", False), ("localhost.evil.example", False),
+    ("[::1]x", False), ("127.0.0.1:80x", False), ("", False), ("0.0.0.0", False), ("10.0.0.1:8383", False),
+])
+def test_loopback_host_names(host, ok):
+    from watchdog.http import loopback_host
+
+    assert loopback_host(host) is ok
+
+
+def test_beyond_loopback_every_request_needs_the_token_but_open_paths(tmp_path):
+    from watchdog.http import Access
+
+    w = World(tmp_path)
+    token = "s3cret-token-0123456789"
+    w.api = ApiServer("0.0.0.0", 0, w.store, w.metrics.render, w.health, w.readiness, w.is_accepting, w.files,
+                      access=Access(token.encode(), frozenset({"/metrics"}), loopback=False))
+    w.metrics.watch_http(w.api.stats)
+    w.api.start()
+    try:
+        url = f"http://127.0.0.1:{w.api.port}"
+
+        def get(path: str, **headers) -> tuple[int, dict]:
+            req = urllib.request.Request(url + path, headers=headers)
+            try:
+                with OPENER.open(req, timeout=10) as resp:
+                    return resp.status, dict(resp.headers)
+            except urllib.error.HTTPError as err:
+                return err.code, dict(err.headers)
+
+        status, headers = get("/healthz")
+        assert (status, headers["WWW-Authenticate"]) == (401, 'Bearer realm="heygem-ops"')
+        assert get("/healthz", Authorization=f"Bearer {token}x")[0] == 401
+        assert get("/healthz", Authorization=f"bearer {token}", Host="lan.example:8383")[0] == 200  # any Host beyond loopback
+        assert get("/metrics")[0] == 200  # open path
+        # the same server, reconfigured (SIGHUP): no token now, so any request is served
+        w.api.configure(Access(loopback=False), w.api.limits)
+        assert get("/healthz")[0] == 200
+    finally:
+        w.api.stop(timeout=5)
+
+
+def test_answers_echoing_a_lone_surrogate_are_still_json(world):
+    from watchdog.http import json_response
+
+    body = json_response(200, {"msg": "a \ud800 b"}).body
+    assert json.loads(body) == {"msg": "a \ud800 b"}

@@ -76,6 +76,7 @@ def test_submit_list_cancel(cli, env, inputs):
     listed = cli("jobs", "--json", env=env)
     assert listed.returncode == 0, listed.stderr
     assert [(j["id"], j["state"]) for j in json.loads(listed.stdout)] == [(2, "queued"), (1, "queued")]
+    assert [j["position"] for j in json.loads(listed.stdout)] == [2, 1]  # its place in line: oldest first
 
     assert cli("cancel", "1", env=env).returncode == 0
     again = cli("cancel", "1", env=env)
@@ -87,7 +88,7 @@ def test_submit_list_cancel(cli, env, inputs):
     assert [(j["id"], j["reason"]) for j in json.loads(only.stdout)] == [(1, "cancelled")]
     table = cli("jobs", env=env)
     assert table.returncode == 0 and "task-1" in table.stdout and "cancelled" in table.stdout
-    assert "2 job(s), newest first" in table.stdout
+    assert "2 job(s), newest first" in table.stdout and "queued, position 1" in table.stdout
     assert json.loads(cli("jobs", "--limit", "1", "--json", env=env).stdout)[0]["id"] == 2
 
 

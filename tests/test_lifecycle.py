@@ -159,7 +159,7 @@ def test_status_fails_on_a_cpu_fallback_and_shows_it(tmp_path, cli):
         assert replica["cpu_fallback"] and replica["active"] == ["CPUExecutionProvider"]
         assert "CUDAExecutionProvider" in replica["requested"]
         assert [a["alert"] for a in report["alerts"]] == ["cpu_fallback"]
-        assert report["ready"] and report["problems"][0].startswith("critical alert cpu_fallback 0:")
+        assert report["ready"] and report["problems"][0].startswith("critical alert cpu_fallback replica-0:")
         human = service.run("status")
         assert human.returncode == 1
         assert "CPU fallback" in row(human.stdout, "│       0 │ 0 ")

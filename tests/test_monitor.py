@@ -115,3 +115,25 @@ def test_ctrl_c_exits_cleanly_without_a_terminal(service):  # noqa: F811
     assert proc.returncode == 0, err.decode()
     assert "Traceback" not in err.decode()
     assert b"daemon not running" in out  # the last frame is left on the screen
+
+
+def test_stage_time_is_shown_since_the_last_frame_or_since_start():
+    """Issue 16: why a GPU's stage is not at 100 %: the board's time split, per stage process."""
+    from rich.console import Console
+
+    from ops.monitor import time_text
+
+    def rows(t: float, pid: int, work: float, waiting: float) -> dict:
+        zero = {f"{k}_s": 0.0 for k in ("work", "input", "output", "slot", "claim", "start", "end")}
+        return {"time": t, "stages": [{"replica": 0, "stage": "generate", "pid": pid, **zero, "work_s": work,
+                                       "input_s": waiting}]}
+
+    def shown(snap, before=None) -> str:
+        console = Console(width=120, record=True, no_color=True)
+        console.print(time_text(snap, before))
+        return console.export_text()
+
+    assert "(since start):\n  0 generate  work 50% · input 50%" in shown(rows(100.0, 7, 5.0, 5.0))
+    assert "(last 10 s):\n  0 generate  work 90% · input 10%" in shown(rows(110.0, 7, 14.0, 6.0), rows(100.0, 7, 5.0, 5.0))
+    # a restarted stage (another pid) starts its count again: no window across two processes
+    assert "(since start):\n  0 generate  work 70% · input 30%" in shown(rows(110.0, 8, 7.0, 3.0), rows(100.0, 7, 5.0, 5.0))

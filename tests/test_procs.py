@@ -109,10 +109,10 @@ def test_procref_after_exit_does_not_match_and_send_refuses(children):
         procs.ProcRef.of(proc.pid)
 
 
-def test_procref_with_other_create_time_is_refused(children):
+def test_procref_with_other_start_time_is_refused(children):
     proc = children("")
     real = procs.ProcRef.of(proc.pid)
-    reused = procs.ProcRef(proc.pid, real.create_time - 1)  # what a reused pid looks like
+    reused = procs.ProcRef(proc.pid, real.start_ticks - 1)  # what a reused pid looks like
     assert not reused.matches()
     assert procs.send(reused, signal.SIGKILL) is False
     assert proc.poll() is None
@@ -142,3 +142,60 @@ def test_terminate_does_not_wait_for_zombies_it_cannot_reap(makers):
     result = procs.terminate(refs, grace_s=30)
     assert result["terminated"] == refs and result["killed"] == []
     assert time.monotonic() - started < 20
+
+
+# ---- identity: the kernel's start time in clock ticks ---------------------------------------------
+
+def _field_22(pid: int) -> int:
+    data = open(f"/proc/{pid}/stat", "rb").read()
+    return int(data[data.rindex(b")") + 2:].split()[19])
+
+
+def test_procref_is_the_kernels_start_time_in_ticks(children):
+    proc = children("")
+    ref = procs.ProcRef.of(proc.pid)
+    assert ref == (proc.pid, _field_22(proc.pid)) and isinstance(ref.start_ticks, int)
+    # psutil's float is boot time + these ticks: the conversion for old pidfiles is exact while
+    # the clock has not been stepped
+    assert procs.ticks_of_create_time(psutil.Process(proc.pid).create_time()) == ref.start_ticks
+    assert [r.pid for r in procs.tree(proc.pid)] == [proc.pid]
+
+
+def test_a_pidfile_names_its_daemon_whatever_the_wall_clock_says(tmp_path, children):
+    """A stepped clock changes psutil's create_time (boot time is read from the wall clock), not
+    the ticks: a pidfile whose create_time is an hour off still names the live process."""
+    import json
+
+    from watchdog.state import StatePaths, read_pidfile
+
+    proc = children("")
+    paths = StatePaths(tmp_path)
+    created = psutil.Process(proc.pid).create_time()
+    paths.pidfile.write_text(json.dumps({"pid": proc.pid, "start_ticks": _field_22(proc.pid),
+                                         "create_time": created + 3600, "http": None, "started": 0}))
+    record = read_pidfile(paths)
+    assert record.alive() and not record.legacy and record.ref() == procs.ProcRef.of(proc.pid)
+    # written by an earlier version: create_time only, matched within a second
+    paths.pidfile.write_text(json.dumps({"pid": proc.pid, "create_time": created, "http": None, "started": 0}))
+    record = read_pidfile(paths)
+    assert record.legacy and record.alive() and record.ref() == procs.ProcRef.of(proc.pid)
+    paths.pidfile.write_text(json.dumps({"pid": proc.pid, "create_time": created - 100, "http": None, "started": 0}))
+    assert not read_pidfile(paths).alive()  # another process that once had this pid
+
+
+def test_a_pidfile_owned_by_another_user_is_not_trusted(tmp_path, children):
+    import json
+    import os
+
+    from watchdog.state import StatePaths, read_pidfile
+
+    proc = children("")  # runs as us
+    paths = StatePaths(tmp_path)
+    paths.pidfile.write_text(json.dumps({"pid": proc.pid, "start_ticks": _field_22(proc.pid), "http": None, "started": 0}))
+    assert read_pidfile(paths).untrusted() is None
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    os.chown(paths.pidfile, 65534, 65534)  # planted by another user, naming our process
+    why = read_pidfile(paths).untrusted()
+    assert why == (f"the pidfile is owned by uid 65534, but pid {proc.pid} runs as uid {os.getuid()}: a pidfile the daemon's "
+                   "own user did not write is not trusted; nothing was signalled")

@@ -36,11 +36,32 @@ Upstream's API, kept so existing clients (the official desktop client polls /eas
 
 An exception in a handler never reaches the client as a traceback: it is logged and answered
 with JSON (500, or 200 with code 9999 on the API routes, which is what upstream sends and what
-its clients handle).
+its clients handle). A bad input is never an exception: text that is not Unicode (a lone
+surrogate), a path longer than PATH_MAX, a file the service may not read, a Content-Length that is
+not ASCII digits: each is answered 10002 (or 400) with what was wrong.
+
+Hostile clients (`Access`, `Limits`; [daemon] keys of the same names, all in /metrics):
+- Beyond loopback only with a token. With `api_token`, every request but `open_paths` needs
+  `Authorization: Bearer <token>` (compared in constant time): 401 otherwise. The configuration
+  refuses a non-loopback `http_host` without one (watchdog.config).
+- DNS rebinding. A server bound to loopback answers only requests whose `Host` is a loopback name
+  (localhost, 127.0.0.1, [::1], with any port): 421 otherwise (a request with no Host at all, as
+  HTTP/1.0 allows, is answered: a browser always sends one). A browser page on another site
+  cannot make that header (nor set Authorization), and POST needs `Content-Type:
+  application/json` (415 otherwise, body code 10002), which a page cannot send across sites
+  without a CORS preflight that this server never grants.
+- Bounds. The whole request (line, headers, body) must arrive within `request_timeout_s`, however
+  slowly it trickles (each read waits only for what is left); `max_connections` requests are
+  handled at once, one thread each, and a connection beyond that is answered 503 (body code 10001)
+  and closed at once by the accept loop, so threads stay bounded; /easy/submit answers 10001 busy
+  while `max_queued` jobs are queued.
 """
 
 from __future__ import annotations
 
+import hmac
+import io
+import ipaddress
 import json
 import os
 import re
@@ -48,6 +69,8 @@ import socket
 import socketserver
 import stat
 import threading
+import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -55,11 +78,16 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from heygem import logs
 from heygem.jobs import NAME_MAX, DuplicateCode, Job, JobStore
+from watchdog.config import ConfigError, is_loopback
 from watchdog.metrics import CONTENT_TYPE_LATEST
 
 MAX_BODY = 1024 * 1024
 POLL_S = 0.2
-CLIENT_TIMEOUT_S = 10.0
+CLIENT_TIMEOUT_S = 10.0  # the default whole-request deadline (Limits.request_timeout_s)
+PATH_MAX = 4096  # bytes, as Linux counts a path
+CODE_MAX = 1024  # bytes of a queried code (codes the CLI gave may be longer than the API's 128 characters)
+WRITE_MIN_S = 1.0  # an answer gets at least this long to leave, even past the request's deadline
+_DIGITS = re.compile(r"[0-9]{1,15}")  # str.isdigit() takes '²', which int() refuses
 
 SUCCESS, BUSY, BAD_PARAMETER, NOT_FOUND, SYSTEM_ERROR = 10000, 10001, 10002, 10004, 9999
 RUN, DONE, ERROR = 1, 2, 3
@@ -88,7 +116,109 @@ class Response(NamedTuple):
 
 
 def json_response(status: int, data: dict, headers: tuple[tuple[str, str], ...] = ()) -> Response:
-    return Response(status, json.dumps(data, ensure_ascii=False, default=str).encode(), _JSON, headers)
+    # backslashreplace: a lone surrogate a client sent, echoed in a message, becomes the JSON escape
+    # \udXXX instead of an encoding error
+    return Response(status, json.dumps(data, ensure_ascii=False, default=str).encode("utf-8", "backslashreplace"),
+                    _JSON, headers)
+
+
+class Access(NamedTuple):
+    """Who may talk to the server: `token` (bytes) needed on every route but `open_paths`;
+    `loopback`: the server is bound to loopback, so only loopback Host names are answered."""
+
+    token: Optional[bytes] = None
+    open_paths: frozenset = frozenset()
+    loopback: bool = True
+
+    @classmethod
+    def from_config(cls, daemon) -> "Access":
+        """From a watchdog.config.DaemonConfig; reads api_token_file (raises ConfigError)."""
+        token = daemon.token()
+        return cls(None if token is None else token.encode("ascii"), frozenset(daemon.open_paths),
+                   is_loopback(daemon.http_host))
+
+
+class Limits(NamedTuple):
+    """The server's bounds ([daemon] request_timeout_s, max_connections, max_queued)."""
+
+    request_timeout_s: float = CLIENT_TIMEOUT_S
+    max_connections: int = 32
+    max_queued: int = 1000
+
+    @classmethod
+    def from_config(cls, daemon) -> "Limits":
+        return cls(daemon.request_timeout_s, daemon.max_connections, daemon.max_queued)
+
+
+class HttpStats:
+    """What /metrics says of the server: requests in progress and refusals by reason."""
+
+    REASONS = ("busy", "deadline", "unauthorized", "host", "content_type", "queue_full")
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.active = 0
+        self.rejected: Counter = Counter({reason: 0 for reason in self.REASONS})
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        """Count one more request in progress; False (nothing counted) when at the limit."""
+        with self._lock:
+            if self.active >= self.limits.max_connections:
+                return False
+            self.active += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+    def reject(self, reason: str) -> None:
+        with self._lock:
+            self.rejected[reason] += 1
+
+    def view(self) -> dict:
+        with self._lock:
+            return {"active": self.active, "rejected": dict(self.rejected), "limits": self.limits._asdict()}
+
+
+def bind_address(host: str, port: int) -> tuple[int, str]:
+    """(address family, address) to bind `host` to: an IP literal as it is, a name resolved now.
+    An unresolvable name is a configuration error (ConfigError, exit 2), not a failed start."""
+    literal = host.removeprefix("[").removesuffix("]")
+    if literal == "":
+        return socket.AF_INET, ""
+    try:
+        return (socket.AF_INET6 if ipaddress.ip_address(literal).version == 6 else socket.AF_INET), literal
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(literal, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise ConfigError(f"[daemon] http_host: cannot resolve {host!r}: {getattr(err, 'strerror', None) or err}") from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr[0]
+
+
+def loopback_host(value: str) -> bool:
+    """Whether a Host header names this machine's loopback: localhost, 127.x.y.z or [::1], with or
+    without a port."""
+    value = value.strip()
+    if value.startswith("["):
+        name, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit())):
+            return False
+    else:
+        name, _, port = value.partition(":")
+        if port and not (port.isascii() and port.isdigit()):
+            return False
+    name = name.rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def upstream(code: int, msg: str, data: Optional[dict] = None) -> dict:
@@ -185,8 +315,11 @@ class JobFiles:
             value = unquote(url.path)
         real, why = None, "NUL byte in the name"
         if "\x00" not in value:
-            real = os.path.realpath(os.path.join(self.base, value))  # an absolute value replaces the base
-            why = self._refusal(real)
+            try:
+                real = os.path.realpath(os.path.join(self.base, value))  # an absolute value replaces the base
+                why = self._refusal(real)
+            except (OSError, ValueError) as err:  # permission, a name too long, not encodable: the same answer
+                why = f"cannot resolve: {getattr(err, 'strerror', None) or err}"
         if why:
             log.info("input_refused", field=name, value=value, path=real, reason=why)
             raise BadParameter(f"{name}: {self.REFUSED}")
@@ -216,15 +349,22 @@ class ApiServer:
 
     `health()` returns a dict whose `healthy` says the daemon's loop ticked recently (/healthz
     answers 503 otherwise); `readiness()` returns (ready, reasons); `accepting()` is False while
-    the daemon drains. `files` says which inputs may be read and where outputs go.
+    the daemon drains. `files` says which inputs may be read and where outputs go. `access` and
+    `limits` (defaults: no token, loopback Host names only when bound to loopback, Limits())
+    may be replaced while serving (`configure`, on SIGHUP); `stats` is what /metrics shows of them.
     """
 
     def __init__(
         self, host: str, port: int, store: JobStore, metrics_render: Callable[[], bytes],
         health: Callable[[], dict], readiness: Callable[[], tuple[bool, dict]], accepting: Callable[[], bool],
-        files: JobFiles,
+        files: JobFiles, front=None, access: Optional[Access] = None, limits: Optional[Limits] = None,
     ):
         self.host, self.port = host, port
+        self.access = access if access is not None else Access(loopback=is_loopback(host))
+        self.limits = limits if limits is not None else Limits()
+        self.stats = HttpStats(self.limits)
+        # external mode with [daemon] upstream_url: a watchdog.front.Front answers the /easy/ routes
+        self.front = front
         self.store = store
         self.metrics_render = metrics_render
         self.health = health
@@ -240,11 +380,18 @@ class ApiServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    def configure(self, access: Access, limits: Limits) -> None:
+        """New access rules and bounds for the requests that arrive from now on."""
+        self.access, self.limits = access, limits
+        self.stats.limits = limits
+
     def start(self) -> None:
-        """Bind (port 0 picks a free port, then `.port` is the real one) and serve in a thread."""
-        cls = _Server6 if ":" in self.host else _Server
+        """Bind (port 0 picks a free port, then `.port` is the real one) and serve in a thread.
+        Raises ConfigError for a host name that does not resolve, BindError when binding fails."""
+        family, address = bind_address(self.host, self.port)
+        cls = _Server6 if family == socket.AF_INET6 else _Server
         try:
-            self._server = cls((self.host, self.port), _Handler)
+            self._server = cls((address, self.port), _Handler)
         except OSError as err:
             raise BindError(f"cannot serve HTTP on {self.host}:{self.port}: {err.strerror or err}") from err
         self._server.api = self
@@ -285,9 +432,26 @@ class ApiServer:
             return json_response(200 if ready else 503, {"status": "ready" if ready else "not ready", "reasons": reasons})
         if path == "/metrics":
             return Response(200, self.metrics_render(), CONTENT_TYPE_LATEST)
+        front = self.front
         if path == "/easy/query":
-            return json_response(200, self.query(params.get("code", [""])[0]))
-        return json_response(200, self.submit(body))
+            code = params.get("code", [""])[0]
+            if (why := _bad_code(code)) is not None:
+                return json_response(200, upstream(BAD_PARAMETER, why))
+            return json_response(200, front.query(code) if front is not None else self.query(code))
+        if (busy := self.queue_full()) is not None:
+            return json_response(200, busy)
+        return json_response(200, front.submit(body, self.accepting()) if front is not None else self.submit(body))
+
+    def queue_full(self) -> Optional[dict]:
+        """Upstream's busy answer while `max_queued` jobs wait in the store, else None. Checked
+        before the job is stored: concurrent submits may overshoot by the handlers in flight."""
+        queued = self.store.counts().get("queued", 0)
+        limit = self.limits.max_queued
+        if queued < limit:
+            return None
+        self.stats.reject("queue_full")
+        return upstream(BUSY, f"busy: {queued} tasks are queued, the most this service takes ([daemon] max_queued = {limit});"
+                              " submit again later")
 
     def query(self, code: str) -> dict:
         if not code:
@@ -336,12 +500,62 @@ def _field(request: dict, name: str) -> str:
         raise BadParameter(f"{name} is missing")
     if not isinstance(value, str):
         raise BadParameter(f"{name} must be a string, got {type(value).__name__}")
+    why = _not_text(value)
+    if why:
+        raise BadParameter(f"{name} {why}")
+    size = len(value.encode())
+    if size > PATH_MAX:
+        raise BadParameter(f"{name} is {size} bytes long; a file name or path is at most {PATH_MAX} bytes")
     return value
+
+
+def _not_text(value: str) -> Optional[str]:
+    """Why `value` cannot be a name (JSON's \\ud800 escapes decode to lone surrogates, which no
+    file name or database text can hold), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"is not valid Unicode text: a lone surrogate {ascii(err.object[err.start:err.end])} at character {err.start}"
+    return None
+
+
+def _bad_code(code: str) -> Optional[str]:
+    """Why a queried `code` cannot name a task, or None (missing codes are the route's to say)."""
+    if not code:
+        return None
+    why = _not_text(code)
+    if why:
+        return f"code {why}"
+    if len(code.encode()) > CODE_MAX:
+        return f"code is {len(code.encode())} bytes long; a task code is at most {CODE_MAX} bytes"
+    return None
 
 
 class _Server(ThreadingHTTPServer):
     timeout = POLL_S
+    request_queue_size = 256  # a burst of connects waits in the backlog, to be answered (or refused) in turn
     api: ApiServer
+
+    def process_request(self, request, client_address) -> None:
+        """A thread for the request while fewer than max_connections are in progress; else 503
+        from this (the accept) thread, at once, and the connection closed."""
+        stats = self.api.stats
+        if not stats.enter():
+            stats.reject("busy")
+            _refuse(request, stats.limits.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            stats.leave()  # no thread started: socketserver closes the connection
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.api.stats.leave()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks up the host's FQDN, which can stall without DNS; not needed
@@ -357,12 +571,88 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
+def _refuse(request: socket.socket, limit: int) -> None:
+    """503 on a connection beyond the limit, without blocking the accept loop: what the client
+    sent already is drained (closing on unread data would reset the connection before it reads)."""
+    body = json.dumps(upstream(BUSY, f"busy: {limit} requests are in progress, the most this service handles at once "
+                                     "([daemon] max_connections); retry shortly")).encode()
+    head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: {_JSON}\r\nContent-Length: {len(body)}\r\n"
+            "Retry-After: 1\r\nConnection: close\r\n\r\n").encode()
+    try:
+        request.setblocking(False)
+        request.send(head + body)
+        for _ in range(4):  # bounded: a client that keeps sending must not hold the accept loop
+            if not request.recv(65536):
+                break
+    except OSError:
+        pass
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The request's socket, read against one deadline for the whole request: each read waits
+    only for the time that is left, so a client trickling a byte at a time is cut off on time."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self._sock, self.deadline, self.expired = sock, deadline, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self.expired = True
+            raise TimeoutError("the request's deadline passed")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        except TimeoutError:
+            self.expired = True
+            raise
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Turns a request into `ApiServer.route` and its Response into bytes; owns errors."""
 
     server: _Server
     timeout = CLIENT_TIMEOUT_S
     server_version = "heygem-ops"
+    responded = False
+
+    def setup(self) -> None:
+        super().setup()
+        self.deadline = time.monotonic() + self.server.api.limits.request_timeout_s
+        self.reader = _DeadlineReader(self.connection, self.deadline)
+        self.rfile.close()  # the plain makefile() reader setup() made; the socket stays open
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle(self) -> None:
+        """One request; a deadline that passes while it arrives is answered 408 and closed."""
+        try:
+            super().handle()
+        except TimeoutError:
+            self.reader.expired = True
+        except ConnectionError:
+            return
+        if self.reader.expired:
+            self.close_connection = True
+            self.server.api.stats.reject("deadline")
+            log.info("http_request_deadline", client=self.client_address[0],
+                     timeout_s=self.server.api.limits.request_timeout_s, responded=self.responded)
+            if not self.responded:
+                self._send_raw(408, "Request Timeout", f"the request did not arrive within "
+                               f"{self.server.api.limits.request_timeout_s:g} s ([daemon] request_timeout_s)")
+
+    def _send_raw(self, status: int, reason: str, msg: str) -> None:
+        """An answer written directly: the request may not even have a parsed request line."""
+        body = json.dumps(upstream(BAD_PARAMETER, msg)).encode()
+        head = (f"HTTP/1.0 {status} {reason}\r\nContent-Type: {_JSON}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n").encode()
+        try:
+            self.connection.settimeout(WRITE_MIN_S)
+            self.connection.sendall(head + body)
+        except OSError:
+            pass
 
     def do_GET(self) -> None:
         self._handle()
@@ -393,6 +683,10 @@ class _Handler(BaseHTTPRequestHandler):
             api.store.close()  # this request's thread ends now; close its connection deterministically
 
     def _respond(self, api: ApiServer, path: str, params: dict[str, list[str]]) -> Response:
+        refused = self._refused(api, path)
+        if refused is not None:
+            self.close_connection = True  # a body, if any, is left unread
+            return refused
         method = ROUTES.get(path)
         if method is None:
             return self._error(404, f"no route {path}; routes: {', '.join(ROUTES)}")
@@ -400,15 +694,45 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(405, f"{path} takes {method} only", (("Allow", method),))
         body = b""
         if self.command == "POST":
-            length = self.headers.get("Content-Length", "0")
-            if not length.isdigit():
-                self.close_connection = True
-                return self._error(400, f"bad Content-Length {length!r}")
+            self.close_connection = True  # unless the body is read whole below
+            if self.headers.get("Transfer-Encoding") is not None:
+                return self._error(411, "a chunked (Transfer-Encoding) body is not accepted; send Content-Length")
+            content_type = self.headers.get_content_type()  # text/plain when the header is missing
+            if content_type != "application/json":
+                api.stats.reject("content_type")
+                return self._error(415, f"Content-Type must be application/json, not {self.headers.get('Content-Type', '(none)')!r}")
+            lengths = self.headers.get_all("Content-Length") or ["0"]
+            length = lengths[0].strip()
+            if len(lengths) > 1 or not _DIGITS.fullmatch(length):
+                return self._error(400, f"bad Content-Length {', '.join(lengths)!r}: one decimal number of ASCII digits")
             if int(length) > MAX_BODY:
-                self.close_connection = True  # the body is left unread
                 return self._error(413, f"the body is {length} bytes; the limit is {MAX_BODY}")
             body = self.rfile.read(int(length))
+            if len(body) < int(length):
+                raise ConnectionAbortedError(f"the client closed after {len(body)} of {length} bytes")
+            self.close_connection = False
         return api.route(path, params, body)
+
+    def _refused(self, api: ApiServer, path: str) -> Optional[Response]:
+        """Host names (DNS rebinding) and the token, before anything else is looked at."""
+        access = api.access
+        if access.loopback:
+            hosts = self.headers.get_all("Host") or []
+            if len(hosts) > 1 or (hosts and not loopback_host(hosts[0])):
+                api.stats.reject("host")
+                log.info("http_host_refused", client=self.client_address[0], host=hosts)
+                return self._error(421, f"Host {', '.join(hosts)!r} is not this service: bound to loopback, it answers only"
+                                        " to localhost, 127.0.0.1 or [::1] (a page on another site, DNS rebinding?)")
+        if access.token is not None and path not in access.open_paths:
+            scheme, _, credential = self.headers.get("Authorization", "").strip().partition(" ")
+            given = credential.strip().encode("latin-1", "replace")  # header text is latin-1 decoded bytes
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given, access.token):
+                api.stats.reject("unauthorized")
+                log.info("http_unauthorized", client=self.client_address[0], path=path,
+                         why="no bearer token" if scheme.lower() != "bearer" else "wrong token")
+                return self._error(401, "unauthorized: send `Authorization: Bearer <token>` ([daemon] api_token)",
+                                   (("WWW-Authenticate", 'Bearer realm="heygem-ops"'),))
+        return None
 
     def _error(self, status: int, msg: str, headers: tuple[tuple[str, str], ...] = ()) -> Response:
         """Upstream's envelope on its routes (so its clients can read it), else {"error": ...}."""
@@ -417,6 +741,8 @@ class _Handler(BaseHTTPRequestHandler):
         return json_response(status, {"error": msg}, headers)
 
     def _send(self, response: Response) -> None:
+        self.responded = True
+        self.connection.settimeout(max(WRITE_MIN_S, self.deadline - time.monotonic()))
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))

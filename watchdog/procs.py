@@ -6,8 +6,13 @@ Two needs shape this module:
   reads /proc/[pid]/stat itself (one small read per process) and imports nothing beyond the
   standard library; importing psutil alone costs about as long as the whole `ps` pipeline.
 - Killing must target exactly the processes we looked at. A pid alone can be reused by an
-  unrelated process, so every signal goes through a `ProcRef` (pid + create time), verified right
+  unrelated process, so every signal goes through a `ProcRef` (pid + start time), verified right
   before sending, through a pidfd where the kernel has them so the check and the signal cannot race.
+  The start time is the kernel's own, in clock ticks since boot (/proc/PID/stat field 22): an
+  integer no clock step changes. psutil's `create_time()` float is boot time (read from the wall
+  clock at some moment) plus those ticks, so two processes that read boot time on either side of
+  a clock step (NTP, a VM resumed) disagree about the same process, and `stop` would call a live
+  daemon's pidfile stale.
 
 psutil is imported inside the functions that need it, to keep `zombies()` free of its import cost,
 and the records are namedtuples (as in psutil): `dataclasses` and `typing` cost a cold start more
@@ -26,26 +31,50 @@ _PROC = "/proc"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class ProcRef(namedtuple("ProcRef", "pid create_time")):
-    """A process identity that survives pid reuse: pid + create time."""
+class ProcRef(namedtuple("ProcRef", "pid start_ticks")):
+    """A process identity that survives pid reuse: pid + the kernel's start time in clock ticks."""
 
     __slots__ = ()
 
     @classmethod
     def of(cls, pid: int) -> "ProcRef":
-        """The process running as `pid` now; raises psutil.NoSuchProcess if there is none."""
-        import psutil
+        """The process running as `pid` now; raises psutil.NoSuchProcess if there is none (or it
+        is hidden from us: another user's under hidepid)."""
+        ticks = start_ticks(pid)
+        if ticks is None:
+            import psutil
 
-        return cls(pid, psutil.Process(pid).create_time())
+            raise psutil.NoSuchProcess(pid)
+        return cls(pid, ticks)
 
     def matches(self) -> bool:
         """True while the very process we captured still exists (a zombie still counts)."""
-        import psutil
+        return start_ticks(self.pid) == self.start_ticks
 
-        try:
-            return psutil.Process(self.pid).create_time() == self.create_time
-        except psutil.NoSuchProcess:
-            return False
+
+def start_ticks(pid: int) -> int | None:
+    """The kernel's start time of `pid` in clock ticks since boot; None when there is no such
+    process we can see."""
+    st = _read_stat(str(pid))
+    return None if st is None else st.start_ticks
+
+
+def boot_time() -> float:
+    """Boot time as the kernel states it now (/proc/stat `btime`, whole seconds of the wall clock)."""
+    for line in (_read(f"{_PROC}/stat") or b"").splitlines():
+        if line.startswith(b"btime "):
+            return float(line.split()[1])
+    raise OSError("no btime in /proc/stat")
+
+
+def ticks_of_create_time(create_time: float) -> int:
+    """A psutil create time (what pidfiles and markers of earlier heygem-ops versions recorded) as
+    start ticks. Exact while the wall clock has not been stepped since that create time was read;
+    compare the result with a tolerance (LEGACY_SLACK_TICKS), never for equality."""
+    return round((create_time - boot_time()) * _CLOCK_TICKS)
+
+
+LEGACY_SLACK_TICKS = _CLOCK_TICKS  # one second: btime is whole seconds and may move by one under NTP
 
 
 Zombie = namedtuple("Zombie", "pid ppid name parent_name parent_cmdline parent_age_s parent_user")
@@ -186,6 +215,12 @@ def _user(pid: int) -> str | None:
         return str(uid)
 
 
+def real_uid(pid: int) -> int | None:
+    """The real uid of `pid`, or None when it is gone (or hidden from us)."""
+    status = _read(f"{_PROC}/{pid}/status")
+    return next((int(line.split()[1]) for line in (status or b"").splitlines() if line.startswith(b"Uid:")), None)
+
+
 def _uptime_s() -> float:
     return float(_read(f"{_PROC}/uptime").split()[0])
 
@@ -226,17 +261,15 @@ def by_parent(zs: Iterable[Zombie]) -> list[ZombieGroup]:
 
 
 def tree(root: int) -> list[ProcRef]:
-    """`root` and all its descendants, refs captured now; raises psutil.NoSuchProcess for a missing root."""
-    import psutil
+    """`root` (first) and all its descendants, refs captured now; raises psutil.NoSuchProcess for
+    a missing root."""
+    try:
+        stats = family(root)
+    except ProcessLookupError:
+        import psutil
 
-    top = psutil.Process(root)
-    refs = [ProcRef(root, top.create_time())]
-    for child in top.children(recursive=True):
-        try:
-            refs.append(ProcRef(child.pid, child.create_time()))
-        except psutil.NoSuchProcess:
-            continue
-    return refs
+        raise psutil.NoSuchProcess(root) from None
+    return [ProcRef(root, stats[root].start_ticks), *(ProcRef(pid, st.start_ticks) for pid, st in stats.items() if pid != root)]
 
 
 def send(ref: ProcRef, sig: int) -> bool:
@@ -282,7 +315,7 @@ def wait_exit(refs: list[ProcRef], timeout_s: float) -> list[ProcRef]:
             proc = psutil.Process(ref.pid)
         except psutil.NoSuchProcess:
             continue
-        if proc.create_time() == ref.create_time:
+        if start_ticks(ref.pid) == ref.start_ticks:
             procs[proc] = ref
     deadline = time.monotonic() + timeout_s
     alive = list(procs)
