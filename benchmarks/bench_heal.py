@@ -4,8 +4,10 @@ Correlated hang: a daemon with N CPU replicas (heartbeat_timeout_s 3, term_grace
 0.5 s, WatchdogSec 4 s) is ready; every generate stage is SIGSTOPped at the same moment (one
 driver hangs every GPU). Measured: seconds until /readyz answers 200 again with every replica in
 a new incarnation, the longest gap between WATCHDOG=1 pings, and how often /healthz was not 200
-(polled every 0.1 s). Expected: flat in N, bounded by heartbeat timeout + term grace + start time
-+ 2 ticks, the gap near the ping interval, /healthz always 200.
+(polled every 0.1 s). Expected: bounded by heartbeat timeout + term grace + start time + 2 ticks,
+the gap near the ping interval, /healthz always 200. The start time of N replicas (each imports
+ONNX Runtime and opens its sessions) grows with N on 2 cores; "cold start s", the daemon's own
+start to all ready, measures that term in the same run.
 
 Idle tick: the daemon in-process (interval 0.1 s), ready, its scheduler paused; `tick()` called K
 times, one interval apart; thread CPU time and wall time per tick (embedded, one CPU replica;
@@ -103,11 +105,13 @@ class Poller(threading.Thread):
 
 
 def correlated_hang(root: Path, n: int, tmp: Path) -> dict:
+    began = time.monotonic()
     d = Daemon(tmp, CONFIG.format(n=n), watchdog_usec=int(WATCHDOG_S * 1e6), root=root,
                input_roots=())
     try:
         assert d.wait_notify("READY=1", 180), d.log_path.read_text()[-3000:]
         snap = wait_for(lambda: (s := d.snapshot()) and len(s["replicas"]) == n and all(r["ready"] for r in s["replicas"]) and s, 120)
+        cold_start = time.monotonic() - began  # the start-time term of the bound, on this machine now
         generations = {r["index"]: r["generation"] for r in snap["replicas"]}
         refs = [ProcRef.of(r["pids"]["generate"]) for r in snap["replicas"]]
         poller = Poller(d.url())
@@ -131,8 +135,25 @@ def correlated_hang(root: Path, n: int, tmp: Path) -> dict:
         gaps = [b - a for a, b in zip(pings, pings[1:])] + ([time.monotonic() - pings[-1]] if pings else [])
         for ref in refs:
             send(ref, signal.SIGCONT)  # a survivor, if any, may die normally
-        return {"healed": bool(ok), "seconds": took, "max_gap_s": max(gaps) if gaps else float("inf"),
+        return {"healed": bool(ok), "seconds": took, "cold_start_s": cold_start, "max_gap_s": max(gaps) if gaps else float("inf"),
                 "healthz_bad": poller.bad, "healthz_total": poller.total}
+    finally:
+        d.stop(60)
+
+
+def idle_cpu(root: Path, tmp: Path, seconds: float) -> float:
+    """% of a core the whole daemon process (every thread, not its workers) uses while idle, at
+    the default 2 s interval: ticks, the main loop's wake-ups, the HTTP accept loop."""
+    import psutil
+
+    d = Daemon(tmp, "", root=root, input_roots=(), interval_s=2.0)
+    try:
+        assert d.wait_notify("READY=1", 180), d.log_path.read_text()[-3000:]
+        time.sleep(4.0)  # let start-up work settle
+        proc = psutil.Process(d.proc.pid)
+        t0, c0 = time.monotonic(), sum(proc.cpu_times()[:2])
+        time.sleep(seconds)
+        return (sum(proc.cpu_times()[:2]) - c0) / (time.monotonic() - t0) * 100
     finally:
         d.stop(60)
 
@@ -149,6 +170,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 3, 6])
     parser.add_argument("--baseline", default=None, help="git revision to measure side by side (e.g. 60f8599)")
     parser.add_argument("--ticks", type=int, default=200)
+    parser.add_argument("--idle-s", type=float, default=30.0, help="seconds of idle daemon measured per tree")
     parser.add_argument("--skip-ticks", action="store_true")
     args = parser.parse_args()
     trees = {"this tree": ROOT}
@@ -161,14 +183,14 @@ def main() -> None:
 
         hang = Table(title=f"correlated hang: every generate SIGSTOPped (heartbeat {HEARTBEAT_S:g} s, grace {GRACE_S:g} s, "
                            f"tick {INTERVAL_S:g} s, WatchdogSec {WATCHDOG_S:g} s)", title_justify="left")
-        for col in ("tree", "replicas", "all ready after s", "longest WATCHDOG=1 gap s", "/healthz not 200"):
+        for col in ("tree", "replicas", "all ready after s", "cold start s", "longest WATCHDOG=1 gap s", "/healthz not 200"):
             hang.add_column(col, justify="right" if col != "tree" else "left")
         for n in args.replicas:
             for label, root in trees.items():
                 with tempfile.TemporaryDirectory() as tmp:
                     r = correlated_hang(root, n, Path(tmp))
                 hang.add_row(label, str(n), f"{r['seconds']:.1f}" + ("" if r["healed"] else " (not healed)"),
-                             f"{r['max_gap_s']:.1f}", f"{r['healthz_bad']} of {r['healthz_total']}")
+                             f"{r['cold_start_s']:.1f}", f"{r['max_gap_s']:.1f}", f"{r['healthz_bad']} of {r['healthz_total']}")
         console = Console(width=140)
         console.print(hang)
         if not args.skip_ticks:
@@ -180,6 +202,13 @@ def main() -> None:
                     c = tick_cost(root, mode, args.ticks)
                     ticks.add_row(label, mode, f"{c['cpu_ms']:.2f}", f"{c['wall_ms']:.2f}", f"{c['cpu_ms'] / 2000 * 100:.2f}")
             console.print(ticks)
+            idle = Table(title=f"idle daemon process (embedded, 1 CPU replica, interval 2 s), {args.idle_s:g} s", title_justify="left")
+            for col in ("tree", "% of a core"):
+                idle.add_column(col, justify="right" if col != "tree" else "left")
+            for label, root in trees.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    idle.add_row(label, f"{idle_cpu(root, Path(tmp), args.idle_s):.2f}")
+            console.print(idle)
     finally:
         if base:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], capture_output=True)

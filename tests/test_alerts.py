@@ -216,3 +216,15 @@ def test_cpu_fallback():
     assert active(got) == {"replica-0": False, "replica-1": True, "replica-2": False}
     assert got[1].evidence["missing"] == [cuda]
     assert "libcublasLt" in got[1].summary
+
+
+def test_a_starting_worker_is_hung_only_after_the_start_timeout():
+    """Six replicas restarted together on two busy cores took longer than one heartbeat to load
+    their models; judged by the heartbeat they were restarted again, for minutes."""
+    loading = WorkerView("replica-1/generate", 11, True, heartbeat_age_s=30.0)
+    running = WorkerView("replica-0/generate", 10, True, heartbeat_age_s=30.0)
+    got = alerts.worker_hung([running, loading], heartbeat_timeout_s=20.0, starting={"replica-1"}, start_timeout_s=120.0)
+    assert active(got) == {"replica-0/generate": True, "replica-1/generate": False}
+    late = alerts.worker_hung([WorkerView("replica-1/generate", 11, True, heartbeat_age_s=121.0)],
+                              heartbeat_timeout_s=20.0, starting={"replica-1"}, start_timeout_s=120.0)
+    assert late[0].active and "still starting after 121 s" in late[0].summary and late[0].evidence["timeout_s"] == 120.0

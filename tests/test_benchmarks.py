@@ -24,6 +24,9 @@ BENCHMARKS = ROOT / "benchmarks"
 # script -> (smallest valid arguments, a regular expression its printed result must match)
 SMALLEST: dict[str, tuple[list[str], str]] = {
     "bench_ring.py": (["--frames", "10", "--reps", "1", "--shape", "72x128x3"], r"(?m)^ring\s+\d+\.\d"),
+    # one claimer, one round, a few calls; the PostgreSQL column reads nan where it cannot run
+    "bench_store.py": (["--jobs", "20", "--claimers", "1", "--rounds", "1", "--calls", "5", "--pickups", "2"],
+                       r"(?m)^claims/s, 1 claimer\s+\d+\.\d\s+(\d+\.\d|nan)"),
     "bench_conversions.py": (["--batches", "2"], r"(?m)^batch, tuned\s+\d+\.\d\d"),
     "bench_gpu_query.py": (["--samples", "1", "--runs", "1"], r"(?m)^Nvml\.sample\(\) in process.*\d+\.\d\dms"),
     "bench_sessions.py": (["--runs", "1"], r"(?m)^heygem-ops doctor --json\s+\d+\.\d\d"),
@@ -37,7 +40,10 @@ SMALLEST: dict[str, tuple[list[str], str]] = {
     # one job and no pause between faults is the least. Row: run, succeeded, failed (none).
     "bench_batch.py": (["--jobs", "1", "--pace", "0"], r"(?m)^chaos\s+\d+\s+0\s"),
     # one replica hung and healed, a few idle ticks per mode; no baseline checkout
-    "bench_heal.py": (["--replicas", "1", "--ticks", "5"], r"(?s)this tree\W+1\W+\d+\.\d.*embedded\W+\d+\.\d\d"),
+    "bench_heal.py": (["--replicas", "1", "--ticks", "5", "--idle-s", "2"], r"(?s)this tree\W+1\W+\d+\.\d.*embedded\W+\d+\.\d\d"),
+    # a few requests each way and one hang; rows: submit/query medians, then the hang's seconds
+    "bench_front.py": (["--requests", "10", "--hangs", "1", "--warmup", "1"],
+                       r"(?s)submit\W+\d+\.\d\d\W+\d+\.\d\d.*query\W+\d+\.\d\d.*restart s.*\W1\W+\d+\.\d\d"),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.bench_heal import GRACE_S, HEARTBEAT_S, INTERVAL_S, WATCHDOG_S, correlated_hang
+from benchmarks.support.chaos import log_time
 from heygem import assets
 from tests.daemon_helpers import ROOT, Daemon, wait_for
 from tests.test_daemon import query, submit, until_done
@@ -36,17 +37,22 @@ def test_a_job_that_fails_in_encode_does_not_poison_its_replica(tmp_path):
     media.mkdir()
     audio = assets.make_speech_audio(media / "speech.wav", seconds=1.0)
     template = assets.make_template_video(media / "template.mp4", seconds=2.0)
-    d = Daemon(tmp_path, "[pipeline]\nstall_after_s = 2.0\n[actions]\ncrash_loop_restarts = 1\n",
+    d = Daemon(tmp_path, "[pipeline]\nstall_after_s = 3.0\n[actions]\ncrash_loop_restarts = 1\n",
                env={"HEYGEM_FAILPOINTS": "encode:frame=0:code=doomed"}, input_roots=(media,))
     try:
         assert d.wait_notify("READY=1"), d.log_path.read_text()[-3000:]
         submit(d, audio, template, "doomed")
         failed = until_done(d, "doomed")
         assert failed["data"]["status"] == 3 and "failpoint" in failed["data"]["msg"], failed
+        failed_at = max(log_time(r) for r in d.records() if r.get("event") == "job_failed")
         # three times the stall patience: the old board fired stage_stalled and restarted here
-        wait_for(lambda: False, 3 * 2.0 + 1.0)
-        assert not d.alerts("stage_stalled"), d.alerts("stage_stalled")
-        assert not [r for r in d.records() if r.get("event") in ("replica_stopping", "crash_loop")]
+        # (a stall while the job ran, on a loaded machine, would be a real one: not what this tests)
+        wait_for(lambda: False, 3 * 3.0 + 1.0)
+        after = [r for r in d.records() if log_time(r) > failed_at + 0.5]
+        assert not [r for r in after if r.get("alert") == "stage_stalled"], after
+        assert not [r for r in after if r.get("event") in ("replica_stopping", "crash_loop")], after
+        rows = d.snapshot()["stages"]
+        assert all(r["items_in"] == r["items_out"] for r in rows), rows
         submit(d, audio, template, "next")
         assert until_done(d, "next")["data"]["status"] == 2, query(d, "next")
     finally:

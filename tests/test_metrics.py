@@ -20,7 +20,8 @@ def parse(metrics: Metrics) -> dict[tuple[str, tuple], float]:
 
 
 def stage(replica: int, name: str, depth: int, out: int) -> StageView:
-    return StageView(replica, name, out + 1, out, 0.0, 0.0, depth, 10, gpu=replica)
+    return StageView(replica, name, out + 1, out, 0.0, 0.0, depth, 10, gpu=replica,
+                     times=(("work", 9.5), ("input", 0.25), ("claim", 0.0)))
 
 
 def test_views_round_trip():
@@ -47,6 +48,8 @@ def test_views_round_trip():
     assert got[("heygem_queue_depth", (("replica", "1"), ("stage", "paste")))] == 10
     assert got[("heygem_queue_capacity", (("replica", "0"), ("stage", "generate")))] == 10
     assert got[("heygem_stage_items_processed_total", (("replica", "0"), ("stage", "generate")))] == 120
+    assert got[("heygem_stage_seconds_total", (("kind", "work"), ("replica", "0"), ("stage", "generate")))] == 9.5
+    assert got[("heygem_stage_seconds_total", (("kind", "input"), ("replica", "1"), ("stage", "paste")))] == 0.25
     assert got[("heygem_jobs", (("state", "queued"),))] == 4
     assert got[("heygem_zombie_processes", ())] == 41
     assert got[("heygem_worker_restarts_total", (("worker", "replica-0"),))] == 3
@@ -64,6 +67,7 @@ def test_counter_types_and_names():
     m.update_from(stages=[stage(0, "decode", 0, 5)], restarts={"w": 1})
     families = {f.name: f.type for f in text_string_to_metric_families(m.render().decode())}
     assert families["heygem_stage_items_processed"] == "counter"
+    assert families["heygem_stage_seconds"] == "counter"
     assert families["heygem_worker_restarts"] == "counter"
     assert families["heygem_queue_depth"] == "gauge"
     assert families["heygem_tick_duration_seconds"] == "histogram"

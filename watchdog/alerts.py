@@ -33,10 +33,13 @@ ALERTS = (
     "crash_loop",
     "job_failed",
     "disk_low",
+    "store_unavailable",
     # from upstream's log (watchdog.upstream_log)
     "queue_empty",
     "gpu_oom",
     "warmup_slow",
+    # the daemon in front of upstream's API (watchdog.front)
+    "task_stalled",
 )
 SEVERITIES = ("info", "warning", "critical")
 
@@ -60,12 +63,18 @@ FIXES = {
     "in its log, then `heygem-ops restart`",
     "job_failed": "see the job's reason (`heygem-ops jobs`); the job was not retried further",
     "disk_low": "free space on the volume: results and temporary frames need room",
+    "store_unavailable": "the job store does not answer (PostgreSQL down or out of reach: `pg_isready`, the server's "
+    "log, the network; [store] url): replicas finish the jobs they hold and claim no new ones, and everything "
+    "resumes when it answers; no job is lost",
     "queue_empty": "a stage waited past its timeout for input that never came: the stage before it is slow "
     "(a warm-up on CPU, a busy GPU) or died; find it in the same log (`heygem-ops doctor --log`). "
     "Lengthening the sleep or the timeout hides it",
     "gpu_oom": "the GPU ran out of memory: upstream puts every session on GPU 0, so concurrent tasks and "
     "orphaned workers share it; free what stale processes hold (`heygem-ops gpu`, `heygem-ops clean`) and "
     "run one task per GPU at a time",
+    "task_stalled": "a task at upstream made no progress for longer than this host needs for it (the learned "
+    "deadline: `heygem-ops monitor`, heygem_upstream_stall_deadline_seconds): the watchdog restarts upstream and "
+    "sends its tasks again, in order; look in upstream's log for why it stopped (`heygem-ops logs --task CODE`)",
     "warmup_slow": "upstream's warm-up (init_wh: face detection on the first 100 frames) outlasted its 60 s "
     "queue timeout, so the driving queue fills before frames are generated: usually a CPU fallback "
     "(`heygem-ops doctor`) or a GPU shared with other tasks",
@@ -250,6 +259,7 @@ class StageView:
     gpu: Optional[int] = None
     state: str = ""
     dropped: int = 0
+    times: tuple = ()  # ((kind, seconds), ...): where the stage's wall time went (heygem.board.TIMES)
 
     @property
     def unit(self) -> str:
@@ -382,16 +392,24 @@ def worker_dead(workers: Sequence[WorkerView]) -> list[Condition]:
     ]
 
 
-def worker_hung(workers: Sequence[WorkerView], *, heartbeat_timeout_s: float) -> list[Condition]:
-    """Alive but silent for longer than `heartbeat_timeout_s` (a dead worker is worker_dead's)."""
-    return [
-        Condition(
-            "worker_hung", w.name, w.alive and w.heartbeat_age_s > heartbeat_timeout_s, "critical",
-            f"worker {w.name} (pid {w.pid}): last heartbeat {w.heartbeat_age_s:.0f} s ago",
-            {"pid": w.pid, "heartbeat_age_s": round(w.heartbeat_age_s, 3), "timeout_s": heartbeat_timeout_s},
-        )
-        for w in workers
-    ]
+def worker_hung(workers: Sequence[WorkerView], *, heartbeat_timeout_s: float, starting: Iterable[str] = (),
+                start_timeout_s: Optional[float] = None) -> list[Condition]:
+    """Alive but silent for longer than `heartbeat_timeout_s` (a dead worker is worker_dead's).
+
+    A worker of a unit in `starting` loads models and opens sessions without beating: it gets
+    `start_timeout_s` instead, or many replicas restarted together on a busy host, each taking
+    longer than one heartbeat to start, would be found hung and restarted again and again."""
+    starting = set(starting)
+    out = []
+    for w in workers:
+        limit = start_timeout_s if w.unit in starting and start_timeout_s is not None else heartbeat_timeout_s
+        out.append(Condition(
+            "worker_hung", w.name, w.alive and w.heartbeat_age_s > limit, "critical",
+            f"worker {w.name} (pid {w.pid}): " + (f"still starting after {w.heartbeat_age_s:.0f} s" if limit != heartbeat_timeout_s
+                                                  else f"last heartbeat {w.heartbeat_age_s:.0f} s ago"),
+            {"pid": w.pid, "heartbeat_age_s": round(w.heartbeat_age_s, 3), "timeout_s": limit},
+        ))
+    return out
 
 
 def zombies(by_parent: Mapping[int, int], *, zombies_max: int) -> list[Condition]:

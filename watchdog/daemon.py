@@ -7,7 +7,7 @@ coalesced) as named steps, serialised with reaping and shutdown by one lock so t
 children are never waited on from two threads:
 
     sample    GPUs (NVML), the pipeline (replicas, stage board, queues) or the external command,
-              zombies in our tree (each parent pinned by pid and create time now), orphans
+              zombies in our tree (each parent pinned by pid and start time now), orphans
               re-parented to us, disk, log patterns
     evaluate  pure rules (watchdog.alerts) -> AlertBook -> one event per state change
     heal      one Supervisor per unit (replica or external command) steps on what was seen; its
@@ -19,6 +19,11 @@ children are never waited on from two threads:
 Operator controls: SIGHUP re-reads the config and gives every unit a fresh restart budget (a unit
 stopped in a crash loop or out of service starts again); `heygem-ops restart` restarts the whole
 daemon.
+
+External mode with `[daemon] upstream_url`: `watchdog.front` holds upstream's tasks in the job store
+and forwards and follows them on its own thread (every call to upstream bounded); the tick only
+reads what it published (readiness, `task_stalled`, API silence as `worker_hung`) and tells it of
+each TERM and START of upstream, so a restart sends the tasks upstream lost again, in order.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from heygem import logs
-from heygem.jobs import JobStore
+from heygem.jobs import HOST_ENV, STATES, UNAVAILABLE, JobStore, StoreConfigError, host_name
 from watchdog import alerts as rules
 from watchdog import escalation, probes
 from watchdog.alerts import AlertBook, Condition, for_durations
@@ -46,7 +51,8 @@ from watchdog.supervisor import CRASH_LOOP, OUT_OF_SERVICE, RUNNING, STARTING, S
 
 WAKE_S = 0.25
 LOCK_TIMEOUT_S = 0.5
-RESTART_FAULTS = ("worker_dead", "worker_hung", "stage_stalled")  # firing alerts that restart their unit
+RESTART_FAULTS = ("worker_dead", "worker_hung", "stage_stalled", "task_stalled")  # firing alerts that restart their unit
+FRONT_FAULTS = ("queue_full",)  # with the front (watchdog.front): upstream's log line restarts it, its tasks are kept
 UNHEALTHY = RESTART_FAULTS + ("queue_full",)  # a zombie-keeping parent that is also unhealthy is restarted
 STEPS_PER_TICK = 3  # a dead unit: TERM (nothing left), COLLECT + START, within one tick
 
@@ -61,12 +67,23 @@ class Daemon:
         self.signals: deque[int] = deque()
         self.children: Optional[ChildWatch] = None
         self.notifier = Notifier.from_env(unset=True)
-        self.metrics = Metrics(_version(), config.daemon.mode)
+        if config.daemon.host_name:
+            os.environ[HOST_ENV] = config.daemon.host_name  # inherited by workers: their names carry it
+        self.host = host_name()
+        self.metrics = Metrics(_version(), config.daemon.mode, host=self.host,
+                               store="postgresql" if config.store.url else "sqlite")
+        # The job store as the tick last saw it: None or why it is away; since when it answers.
+        self.store_error: Optional[str] = None
+        self.store_ok_since: Optional[float] = None
+        self.service_pending = False  # the pipeline waits for a store that did not answer at start
+        self.last_jobs: dict = dict.fromkeys(STATES, 0)
+        self.held: set = set()  # (job, attempt) running under this host's workers at the last tick
         self.book = AlertBook(for_durations(config.rules), config.rules.repeat_s)
         self.store: Optional[JobStore] = None
         self.lease_store: Optional[JobStore] = None
         self.pipeline = None
         self.external = None
+        self.front = None  # watchdog.front.Front: external mode with [daemon] upstream_url
         self.logwatch = None
         self.http = None
         self.nvml = None
@@ -79,6 +96,7 @@ class Daemon:
         self.last_tick = time.monotonic()
         self.tick_s = 0.0
         self.ready_sent = False
+        self.ready_state: tuple[bool, dict] = (False, {"daemon": "starting"})
         self.accepting = True
         self.last_sample: dict = {}
         self.published: tuple[str, float] = ("", 0.0)  # the snapshot's material content as last written, and when
@@ -106,8 +124,9 @@ class Daemon:
                 self.log.error("daemon_start_failed", error=f"{type(err).__name__}: {err}")
                 self.shutdown()
                 # An unusable configured model is a configuration error: exit 2, which the unit's
-                # RestartPreventExitStatus=2 does not restart in a loop.
-                return 2 if isinstance(err, ModelError) else 1
+                # RestartPreventExitStatus=2 does not restart in a loop; so is a token file or an
+                # http_host that cannot be used (ConfigError).
+                return 2 if isinstance(err, (ModelError, ConfigError, StoreConfigError)) else 1
             ping_every = self.notifier.watchdog_interval()
             last_ping = 0.0
             while True:
@@ -126,17 +145,24 @@ class Daemon:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         from watchdog.external import MARKER, marker_value
-        from watchdog.http import ApiServer, JobFiles
+        from watchdog.http import Access, ApiServer, JobFiles, Limits, bind_address
 
+        d = self.config.daemon
+        # Configuration errors first (exit 2), before anything starts: the token file, the address.
+        access, limits = Access.from_config(d), Limits.from_config(d)
+        bind_address(d.http_host, d.http_port)
         os.environ[MARKER] = marker_value()  # inherited by every worker: how `clean` finds our orphans
-        self.store = JobStore(self.paths.store, max_attempts=self.config.pipeline.max_attempts)
-        # The tick's own writes wait briefly: a tick blocked on the store is a tick that cannot see.
-        self.lease_store = JobStore(self.paths.store, max_attempts=self.config.pipeline.max_attempts, busy_timeout_s=1.0)
+        ready = self._open_store()
         self._start_gpu_probe()
-        self._start_service()
+        if ready or self.config.daemon.mode == "external":
+            self._start_service()
+        else:
+            self.service_pending = True
         d = self.config.daemon
         self.http = ApiServer(d.http_host, d.http_port, self.store, self.metrics.render, self.health,
-                              self.readiness, lambda: self.accepting, JobFiles.from_config(d, self.paths.root))
+                              self.readiness, lambda: self.accepting, JobFiles.from_config(d, self.paths.root),
+                              front=self.front, access=access, limits=limits)
+        self.metrics.watch_http(self.http.stats)
         self.http.start()
         write_pidfile(self.paths, self.http.url)
         self.scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(1)}, timezone="UTC")
@@ -144,6 +170,78 @@ class Daemon:
                                coalesce=True, misfire_grace_time=None, next_run_time=_now_dt())
         self.scheduler.start()
         self.log.info("daemon_started", http=self.http.url, interval_s=d.interval_s)
+
+    def _open_store(self) -> bool:
+        """Open the configured job store and create or migrate its schema. A store that can never
+        work as configured (URL, credentials, schema) raises StoreConfigError: exit 2. One that
+        does not answer (a PostgreSQL server down) is an alert, not an exit: the daemon serves
+        /healthz, /readyz and /metrics, and its tick starts the pipeline once the store answers."""
+        from watchdog.store import open_job_store
+
+        self.store = open_job_store(self.config, self.paths)
+        # The tick's own writes wait briefly: a tick blocked on the store is a tick that cannot see.
+        self.lease_store = self.store.with_options(busy_timeout_s=1.0)
+        try:
+            self.store.prepare(migrate=True)
+        except UNAVAILABLE as err:
+            self.store_error = f"unreachable: {err}"
+            self.log.error("store_unavailable", store=self.store.describe(), error=str(err),
+                           action="serving /healthz, /readyz and /metrics; the pipeline starts once the store "
+                                  "answers (tried every tick)")
+            return False
+        self.store_ok_since = time.time()
+        self.log.info("store_ready", backend=self.store.backend, store=self.store.describe(), host=self.host)
+        return True
+
+    def _store_sample(self, sample: dict, now: float) -> None:
+        """Read the queue (counts, oldest wait, jobs per host); note when the store is away and
+        when it is back. A store that was away at start is prepared (migrated) first."""
+        try:
+            if self.service_pending:
+                self.store.prepare(migrate=True)
+            stats = self.store.stats(now)
+        except (*UNAVAILABLE, StoreConfigError) as err:
+            why = f"unreachable: {err}" if not isinstance(err, StoreConfigError) else str(err)
+            if self.store_error is None:
+                self.log.error("store_unavailable", store=self.store.describe(), error=str(err),
+                               action="replicas finish the jobs they hold and claim no new ones")
+            self.store_error, self.store_ok_since = why, None
+            sample["jobs"], sample["store"] = self.last_jobs, {"ok": False, "error": why, "oldest_queued_s": None,
+                                                                "held": {}}
+            return
+        if self.store_ok_since is None:
+            self.store_ok_since = now
+            if self.store_error is not None:
+                self.log.info("store_available", store=self.store.describe(), after=self.store_error)
+        self.store_error = None
+        self.last_jobs = sample["jobs"] = stats.counts
+        self._count_claims(stats)
+        sample["store"] = {"ok": True, "error": None, "oldest_queued_s": stats.oldest_queued_s, "held": stats.held}
+        if self.service_pending:
+            self.service_pending = False
+            self.log.info("store_ready", backend=self.store.backend, store=self.store.describe(), host=self.host,
+                          action="starting the pipeline")
+            self._start_service()
+
+    def _count_claims(self, stats) -> None:
+        """Claims by this host's workers since the last tick (heygem_job_events_total{event="claimed"}):
+        the running jobs it holds now that it did not hold then."""
+        held = set()
+        if stats.held.get(self.host):
+            try:
+                held = {(j.id, j.attempts) for j in self.store.list(state="running", limit=1000) if j.host == self.host}
+            except (*UNAVAILABLE, StoreConfigError):
+                return
+        for _ in held - self.held:
+            self.metrics.count_job("claimed")
+        self.held = held
+
+    def _may_expire(self, now: float) -> bool:
+        """Leases of a shared store expire only once it has answered this daemon for a lease's
+        length: after an outage, the workers that rode it out renew first."""
+        if not self.store.shared:
+            return True
+        return self.store_ok_since is not None and now - self.store_ok_since >= self.config.pipeline.lease_s
 
     def _start_gpu_probe(self) -> None:
         from watchdog.gpu import Nvml, NvmlUnavailable
@@ -166,6 +264,12 @@ class Daemon:
             self.units = [ExternalUnit(self.external)]
             if self.config.daemon.log_file:
                 self.logwatch = LogWatch.of(self.config.daemon)
+            if self.config.daemon.upstream_url:
+                from watchdog.front import Front
+
+                self.front = Front.of(self.config, self.paths.root, self.store)
+                self.front.start()
+                self.metrics.registry.register(self.front)
         else:
             from heygem.pipeline import Pipeline
 
@@ -187,6 +291,10 @@ class Daemon:
     def _stop_service(self, grace_s: float) -> list[int]:
         """Blocking: drain and stop the pipeline or the command (shutdown, reload)."""
         requeued = []
+        if self.front is not None:  # first: nothing more goes to an upstream that stops
+            self.front.stop()
+            self.metrics.registry.unregister(self.front)
+            self.front = None
         if self.pipeline is not None:
             requeued = self.pipeline.stop(grace_s=grace_s)
             self.pipeline = None
@@ -221,6 +329,9 @@ class Daemon:
             if got:
                 self.lock.release()
         self.paths.pidfile.unlink(missing_ok=True)
+        for store in (self.store, self.lease_store):
+            if store is not None:
+                store.dispose()
         self.log.info("daemon_stopped", requeued=requeued)
         self.notifier.close()
 
@@ -270,17 +381,34 @@ class Daemon:
         return {"healthy": self.healthy(), "ticks": self.ticks, "last_tick_age_s": round(time.monotonic() - self.last_tick, 3)}
 
     def readiness(self) -> tuple[bool, dict]:
+        """As of the last tick (/readyz reads it from the HTTP thread: the tick thread alone
+        touches the units)."""
+        return self.ready_state
+
+    def _readiness(self, now: float) -> tuple[bool, dict]:
         """Ready when every unit serves; `why` names each one that does not, and why."""
-        now = time.time()
-        sups = list(self.supervisors.values())
-        why = {s.name: s.describe(now) for s in sups if s.state != RUNNING}
-        return bool(sups) and not why, why
+        why = {}
+        for unit in self.units:
+            sup = self.supervisors[unit.name]
+            if sup.state != RUNNING:
+                why[unit.name] = sup.describe(now)
+            elif not unit.observe(()).ready:  # e.g. restarts are off and it died
+                why[unit.name] = "not ready (a process exited or has not opened its sessions)"
+        if self.front is not None and "external" not in why and not self.front.ready():
+            why["upstream"] = self.front.not_ready_reason() or "upstream's API does not answer"
+        if self.store_error is not None:
+            why["job store"] = (f"{self.store_error}; " + ("the pipeline starts once it answers" if self.service_pending
+                                else "replicas finish the jobs they hold and claim no new ones"))
+        return bool(self.units) and not why, why
 
     def reload(self) -> None:
         """SIGHUP: re-read the config (a bad one is refused and the old one kept), and give every
         unit a fresh restart budget: one stopped in a crash loop or out of service starts again."""
+        from watchdog.http import Access, Limits
+
         try:
             new = load(self.config_path)
+            access, limits = Access.from_config(new.daemon), Limits.from_config(new.daemon)  # reads the token file
         except ConfigError as err:
             self.log.error("config_reload_failed", error=str(err), action="kept the running config")
             return
@@ -288,15 +416,27 @@ class Daemon:
             self.log.error("config_reload_failed", error="tick did not finish within 10 s", action="kept the running config")
             return
         try:
+            if new.store != self.config.store:
+                self.log.warning("store_unchanged", serving=self.store.describe(),
+                                 why="[store] takes effect at the next start: heygem-ops restart")
+                new = new.model_copy(update={"store": self.config.store})
             old, self.config = self.config, new
             self.book = AlertBook(for_durations(new.rules), new.rules.repeat_s)
+            if self.http is not None:  # token, open paths, bounds apply at once; the address needs a restart
+                self.http.configure(access._replace(loopback=self.http.access.loopback), limits)
+                if (new.daemon.http_host, new.daemon.http_port) != (old.daemon.http_host, old.daemon.http_port):
+                    self.log.warning("http_address_unchanged", serving=self.http.url,
+                                     why="http_host and http_port take effect at the next start: heygem-ops restart")
             if new.daemon.interval_s != old.daemon.interval_s and self.scheduler is not None:
                 self.scheduler.reschedule_job("tick", trigger="interval", seconds=new.daemon.interval_s)
             restart = new.pipeline != old.pipeline or new.daemon.mode != old.daemon.mode or new.daemon.command != old.daemon.command
             if restart:
                 self._stop_service(old.daemon.stop_grace_s)
                 self.ready_sent = False
-                self._start_service()
+                if not self.service_pending:  # else the tick starts it once the store answers
+                    self._start_service()
+                if self.http is not None:
+                    self.http.front = self.front
             else:
                 self._reset_budgets(time.time())
             self.log.info("config_reloaded", service_restarted=restart)
@@ -351,7 +491,7 @@ class Daemon:
         if self.pipeline is not None:
             for replica, kind, stage, payload in self.pipeline.poll():
                 self._pipeline_event(replica, kind, stage, payload, now)
-            sample["pipeline"] = self.pipeline.status()
+            sample["pipeline"] = self.pipeline.status(jobs=False)
         own = os.getpid()
         tree = family(own)  # one read of our process tree serves zombies, orphans, the command's size
         if self.external is not None:
@@ -366,11 +506,13 @@ class Daemon:
         sample["orphans"] = probes.orphans(own, self._tracked(), tree)
         sample["tree"] = tree
         sample["disks"] = probes.disk_views([self.paths.root])
-        sample["jobs"] = sample["pipeline"]["jobs"] if self.pipeline is not None else self.store.counts()
+        self._store_sample(sample, now)
         self.last_sample = sample
         return sample
 
     def _pipeline_event(self, replica: int, kind: str, stage: str, payload, now: float) -> None:
+        if kind == "job":
+            self.metrics.count_job(payload.get("state"))
         if kind == "fatal":
             self.log.error("stage_fatal", replica=replica, stage=stage, kind=payload.get("kind"), reason=payload.get("reason"))
         elif kind == "job" and payload.get("state") == "failed":
@@ -381,15 +523,16 @@ class Daemon:
                                              event.evidence, now, now, action="job marked failed; not retried"))
 
     def expire_leases(self, now: float) -> None:
-        import sqlite3
-
+        if not self._may_expire(now):
+            return
         try:
             expired = self.lease_store.expire_leases(now, self.config.pipeline.max_attempts)
-        except sqlite3.OperationalError as err:  # locked by a writer that may be the hung stage
+        except (*UNAVAILABLE, StoreConfigError) as err:  # locked by a writer that may be the hung stage; away
             self.log.warning("job_store_busy", error=str(err), action="lease expiry retried next tick")
             return
-        for job in expired:
-            self.log.warning("job_lease_expired", job=job.id, state=job.state, attempts=job.attempts, reason=job.reason)
+        for job in expired:  # `host`: where it was; a shared store's next claim may be on any host
+            self.log.warning("job_lease_expired", job=job.id, state=job.state, attempts=job.attempts, reason=job.reason,
+                             host=job.host, by=self.host)
 
     def _serving(self) -> set[str]:
         """Units whose processes should be running: only their deaths and silences are faults."""
@@ -411,7 +554,9 @@ class Daemon:
             workers = [w for w in probes.worker_views(status, now) if w.unit in serving]
             conditions += rules.cpu_fallback(probes.provider_views(status))
             conditions += rules.worker_dead(workers)
-            conditions += rules.worker_hung(workers, heartbeat_timeout_s=r.heartbeat_timeout_s)
+            starting = {name for name, s in self.supervisors.items() if s.state == STARTING}
+            conditions += rules.worker_hung(workers, heartbeat_timeout_s=r.heartbeat_timeout_s, starting=starting,
+                                            start_timeout_s=r.start_timeout_s)
             conditions += rules.stage_stalled(stages, stall_after_s=self.config.pipeline.stall_after_s, now=now)
             conditions += rules.queue_full(stages)
         if self.external is not None:
@@ -420,12 +565,18 @@ class Daemon:
                 conditions += rules.worker_dead([rules.WorkerView("external", ext["pid"], ext["exit_code"] is None, 0.0, ext["exit_code"])])
             if self.logwatch is not None:
                 conditions += self.logwatch.conditions(now)
+            if self.front is not None:
+                sup = self.supervisors.get("external")
+                conditions += self.front.conditions(now, sup is not None and sup.state == RUNNING, r.heartbeat_timeout_s)
         zombie_parents = {g["ppid"]: len(g["zombies"]) for g in sample["zombies"]}
         conditions += rules.zombies(zombie_parents, zombies_max=r.zombies_max)
         conditions.append(Condition("orphans", "", bool(sample["orphans"]), "warning",
                                     f"{len(sample['orphans'])} orphaned processes re-parented to the daemon",
                                     {"pids": sample["orphans"]}))
         conditions += rules.disk_low(sample["disks"], disk_min_free_mib=r.disk_min_free_mib)
+        conditions.append(Condition("store_unavailable", "", self.store_error is not None, "critical",
+                                    f"job store {self.store.describe()}: {self.store_error or 'answers'}",
+                                    {"store": self.store.describe(), "error": self.store_error}))
         for sup in self.supervisors.values():
             if sup.state == CRASH_LOOP:
                 conditions.append(Condition("crash_loop", sup.name, True, "critical", f"{sup.name}: {sup.describe(now)}",
@@ -439,9 +590,9 @@ class Daemon:
         firing = self.book.firing()
         faults = self._faults(firing)
         self._handle_zombies(sample, firing, faults, actions, now)
-        if self.config.actions.restart_workers:
-            for unit in self.units:
-                self._heal(unit, faults.get(unit.name, {}), actions, now)
+        restart = self.config.actions.restart_workers
+        for unit in self.units:  # stepped even without restarts: a unit still becomes ready
+            self._heal(unit, faults.get(unit.name, {}) if restart else {}, actions, now)
         self._handle_orphans(sample["orphans"], actions, now)
         for event in events:
             action = actions.get((event.alert, event.key), "")
@@ -453,6 +604,9 @@ class Daemon:
         for e in firing:
             if e.alert in RESTART_FAULTS:
                 out.setdefault(e.key.split("/")[0], {})[(e.alert, e.key)] = None
+            elif (self.front is not None and e.alert in FRONT_FAULTS and e.key not in self.supervisors
+                  and self.front.fresh_log_line(self.logwatch, e.alert, e.key)):
+                out.setdefault("external", {})[(e.alert, e.key)] = None  # upstream's queue blocked
         return out
 
     def _heal(self, unit, faults: dict, actions: dict, now: float) -> None:
@@ -460,8 +614,10 @@ class Daemon:
         TERMed, collected and started in one tick); faults count only at the first step."""
         sup = self.supervisors[unit.name]
         reasons = tuple(dict.fromkeys(alert for alert, _ in faults))
+        front = self.front if unit.kind == "external" else None
         for i in range(STEPS_PER_TICK):
-            steps = sup.step(unit.observe(reasons if i == 0 else ()), now)
+            ready = {} if front is None else {"ready": front.ready()}  # upstream answers its API (since its start)
+            steps = sup.step(unit.observe(reasons if i == 0 else (), **ready), now)
             if not steps:
                 break
             self._carry_out(unit, sup, steps, actions, faults)
@@ -470,6 +626,8 @@ class Daemon:
         from watchdog.units import EVENTS
 
         for step in steps:
+            if self.front is not None and unit.kind == "external":
+                self.front.on_action(step.kind, step.why, time.time())
             done, fields = unit.carry_out(step.kind)
             self.log.warning(f"{unit.kind}_{EVENTS[step.kind]}", **unit.fields, **fields, why=step.why, state=sup.state,
                              restarts=sup.policy.restarts)
@@ -494,8 +652,8 @@ class Daemon:
         for ref in [r for r in self.nudged if r not in parents.values()]:
             del self.nudged[ref]
         unhealthy = {e.key.split("/")[0] for e in firing if e.alert in UNHEALTHY} | set(faults)
-        if self.external is not None and any(e.alert in UNHEALTHY and e.key == "log" for e in firing):
-            unhealthy.add("external")
+        if self.external is not None and any(e.alert in UNHEALTHY for e in firing):
+            unhealthy.add("external")  # its alerts are keyed by task code (log lines) or "external"
         room = escalation.pid_room() if parents else None
         for pid, ref in parents.items():
             unit = self._unit_of(pid)
@@ -573,7 +731,9 @@ class Daemon:
             units={name: s.state for name, s in self.supervisors.items()},
             firing=firing,
         )
-        ready, why = self.readiness()
+        held = sample["store"]["held"]
+        self.metrics.update_store(sample["store"]["ok"], sample["store"]["oldest_queued_s"], held.get(self.host, 0))
+        ready, why = self.ready_state = self._readiness(now)
         if ready and not self.ready_sent:
             self.notifier.ready()
             self.ready_sent = True
@@ -587,11 +747,14 @@ class Daemon:
             "http": self.http.url if self.http else None, "config": str(self.config_path) if self.config_path else None,
             "gpus": sample["gpus"], "gpu_error": sample.get("gpu_error"),
             "replicas": status["replicas"] if status else [], "stages": status["stages"] if status else [],
-            "external": sample.get("external"), "jobs": jobs, "zombies": sample["zombies"],
+            "external": sample.get("external"), "front": self.front.view() if self.front is not None else None,
+            "jobs": jobs, "zombies": sample["zombies"],
             "orphans": sample["orphans"], "alerts": [e.fields() for e in firing],
             "units": {name: {"state": s.state, "detail": s.describe(now), "restarts": s.policy.restarts}
                       for name, s in self.supervisors.items()},
             "restarts": restarts,
+            "store": {"backend": self.store.backend, "where": self.store.describe(), "shared": self.store.shared,
+                      "host": self.host, **sample["store"]},
         }
         # Written at once when something an operator acts on changed, else every other tick:
         # readers judge staleness by `time` (monitor: 3 intervals), and heartbeats alone should

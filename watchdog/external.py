@@ -1,7 +1,7 @@
 """External mode: supervise a service the daemon did not build, such as upstream's `app.py`.
 
 The daemon starts the command in its own session (so a Ctrl-C on the daemon's terminal does not
-reach it), marks its environment with `HEYGEM_OPS_DAEMON=<pid>:<create time>` (how `heygem-ops
+reach it), marks its environment with `HEYGEM_OPS_DAEMON=<pid>:<start ticks>` (how `heygem-ops
 clean` recognises the service's orphans without matching command lines), restarts it with
 back-off when it dies; `watchdog.logwatch.LogWatch` reads its log for upstream's failure lines.
 """
@@ -18,11 +18,12 @@ MARKER = "HEYGEM_OPS_DAEMON"
 
 
 def marker_value() -> str:
-    """This daemon's identity as the workers' environment carries it."""
-    import psutil
+    """This daemon's identity as the workers' environment carries it: `<pid>:<start ticks>` (an
+    integer; earlier versions wrote psutil's create time, a float, which `clean` still reads)."""
+    from watchdog.procs import start_ticks
 
-    me = psutil.Process()
-    return f"{me.pid}:{me.create_time()}"
+    pid = os.getpid()
+    return f"{pid}:{start_ticks(pid)}"
 
 
 class External:
@@ -53,7 +54,7 @@ class External:
         return None if self.proc is None else self.proc.poll()
 
     def refs(self) -> list[ProcRef]:
-        """The command's whole process tree, pinned by create time."""
+        """The command's whole process tree, pinned by start time."""
         if self.proc is None or self.proc.poll() is not None:
             return []
         try:

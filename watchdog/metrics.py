@@ -33,8 +33,13 @@ class Metrics:
     the HTTP thread sees either the previous tick's view or this one's, never half of each.
     """
 
-    def __init__(self, version: str, mode: str):
+    def __init__(self, version: str, mode: str, host: Optional[str] = None, store: Optional[str] = None):
+        """`host`: every sample gets a `host` label with it (a Prometheus server scrapes every host
+        of a fleet); `store`: the job store's backend, in heygem_daemon_info."""
         self.registry = CollectorRegistry(auto_describe=True)
+        self.host = host
+        self._store: Optional[tuple[bool, float, int]] = None  # (reachable, oldest queued wait, jobs held here)
+        self._job_events: dict[str, int] = dict.fromkeys(JOB_EVENTS, 0)
         self._gpus: tuple[GpuView, ...] = ()
         self._stages: tuple[StageView, ...] = ()
         self._jobs: tuple[tuple[str, int], ...] = ()
@@ -42,12 +47,14 @@ class Metrics:
         self._restarts: tuple[tuple[str, int], ...] = ()
         self._units: tuple[tuple[str, str], ...] = ()
         self._firing: tuple[tuple[str, int], ...] = tuple((name, 0) for name in ALERTS)
+        self._http = None  # a watchdog.http.HttpStats, read at scrape time
         self.registry.register(self)
         self._tick = Histogram(
             "heygem_tick_duration_seconds", "Time one daemon tick took (probes, rules, actions).",
             buckets=_TICK_BUCKETS, registry=self.registry,
         )
-        Info("heygem_daemon", "The running watchdog daemon.", registry=self.registry).info({"version": version, "mode": mode})
+        info = {"version": version, "mode": mode, **({"store": store} if store else {})}
+        Info("heygem_daemon", "The running watchdog daemon.", registry=self.registry).info(info)
 
     def update_from(
         self,
@@ -86,9 +93,24 @@ class Metrics:
     def observe_tick(self, seconds: float) -> None:
         self._tick.observe(seconds)
 
+    def watch_http(self, stats) -> None:
+        """Export the HTTP server's connections, refusals and bounds (`watchdog.http.HttpStats`)."""
+        self._http = stats
+
+    def update_store(self, reachable: bool, oldest_queued_s: Optional[float], held: int) -> None:
+        """This tick's look at the job store: could it be read, how long the oldest queued job has
+        waited (None: nothing queued), how many running jobs this host's workers hold."""
+        self._store = (reachable, oldest_queued_s or 0.0, held)
+
+    def count_job(self, event: str) -> None:
+        """One job event of this host's workers (claimed, succeeded, failed, released)."""
+        if event in self._job_events:
+            self._job_events = {**self._job_events, event: self._job_events[event] + 1}
+
     def render(self) -> bytes:
-        """The text exposition format (serve with CONTENT_TYPE_LATEST)."""
-        return generate_latest(self.registry)
+        """The text exposition format (serve with CONTENT_TYPE_LATEST); every sample carries the
+        `host` label when the daemon was given one."""
+        return generate_latest(self.registry if self.host is None else _Labelled(self.registry, {"host": self.host}))
 
     def collect(self):
         """The view-backed families (called by the registry at scrape time)."""
@@ -106,16 +128,22 @@ class Metrics:
         processed = CounterMetricFamily("heygem_stage_items_processed", "Items a stage has handed on.", labels=["replica", "stage"])
         dropped = CounterMetricFamily("heygem_stage_items_dropped", "Items a stage let go because their job failed or was cancelled.",
                                       labels=["replica", "stage"])
+        spent = CounterMetricFamily("heygem_stage_seconds", "Wall seconds a stage spent, by kind: work (frames), or "
+                                    "waiting for input, output, a ring slot, a job (claim), a job's start or end.",
+                                    labels=["replica", "stage", "kind"])
         for s in stages:
             labels = [str(s.replica), s.stage]
             depth.add_metric(labels, s.queue_depth)
             capacity.add_metric(labels, s.queue_capacity)
             processed.add_metric(labels, s.items_out - s.dropped)
             dropped.add_metric(labels, s.dropped)
+            for kind, seconds in s.times:
+                spent.add_metric([*labels, kind], seconds)
         yield depth
         yield capacity
         yield processed
         yield dropped
+        yield spent
 
         jobs = GaugeMetricFamily("heygem_jobs", "Jobs in the store by state.", labels=["state"])
         for state, n in self._jobs:
@@ -141,3 +169,57 @@ class Metrics:
         for name, n in self._firing:
             firing.add_metric([name], n)
         yield firing
+
+        if self._http is not None:
+            yield from _http_families(self._http.view())
+
+        events = CounterMetricFamily("heygem_job_events", "Job events of this host's workers: claimed, succeeded, "
+                                     "failed, released (input missing here).", labels=["event"])
+        for event, n in self._job_events.items():
+            events.add_metric([event], n)
+        yield events
+        if self._store is not None:
+            reachable, oldest, held = self._store
+            yield GaugeMetricFamily("heygem_store_up", "1 when the daemon's last tick could read the job store.",
+                                    value=1.0 if reachable else 0.0)
+            yield GaugeMetricFamily("heygem_queue_oldest_age_seconds", "How long the oldest queued job has waited "
+                                    "(the store's clock; 0 when none waits). The same on every host of a shared store.",
+                                    value=oldest)
+            yield GaugeMetricFamily("heygem_jobs_held", "Running jobs held by this host's workers.", value=held)
+
+
+JOB_EVENTS = ("claimed", "succeeded", "failed", "released")
+
+
+class _Labelled:
+    """A registry seen with constant labels added to every sample (for `generate_latest`)."""
+
+    def __init__(self, registry, labels: dict):
+        self.registry, self.labels = registry, labels
+
+    def collect(self):
+        from prometheus_client.metrics_core import Metric
+
+        for family in self.registry.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = [s._replace(labels={**self.labels, **s.labels}) for s in family.samples]
+            yield out
+
+
+def _http_families(view: dict):
+    limits = view["limits"]
+    yield GaugeMetricFamily("heygem_http_connections_active", "HTTP requests being handled now (one thread each).",
+                            value=view["active"])
+    yield GaugeMetricFamily("heygem_http_connections_max", "Most HTTP requests handled at once ([daemon] max_connections).",
+                            value=limits["max_connections"])
+    yield GaugeMetricFamily("heygem_http_request_timeout_seconds",
+                            "Deadline for a whole HTTP request to arrive ([daemon] request_timeout_s).",
+                            value=limits["request_timeout_s"])
+    yield GaugeMetricFamily("heygem_jobs_max_queued", "Queued jobs at which /easy/submit answers 10001 busy "
+                            "([daemon] max_queued).", value=limits["max_queued"])
+    rejected = CounterMetricFamily("heygem_http_rejected", "HTTP requests refused, by reason: busy (max_connections), "
+                                   "deadline (request_timeout_s), unauthorized (token), host (not a loopback Host), "
+                                   "content_type (POST not JSON), queue_full (max_queued).", labels=["reason"])
+    for reason, n in sorted(view["rejected"].items()):
+        rejected.add_metric([reason], n)
+    yield rejected

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
+from heygem.board import TIMES
 from watchdog.alerts import DiskView, GpuView, ProviderView, StageView, WorkerView
 
 INPUT_OF = {"generate": "generate", "encode": "encode"}  # stage -> its input queue's name
@@ -41,6 +42,7 @@ def stage_views(status: dict) -> list[StageView]:
             queue_capacity=replica["queue_capacity"] if queue else 0,
             gpu=device if isinstance(device, int) else None,
             state=row["state"], dropped=row.get("dropped", 0),
+            times=tuple((kind, row.get(f"{kind}_s", 0.0)) for kind in TIMES),
         ))
     return out
 

@@ -33,7 +33,8 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, every_s: float =
 
 class Daemon:
     def __init__(self, tmp: Path, config: str = "", env: Optional[dict] = None, watchdog_usec: Optional[int] = None,
-                 daemon_keys: str = "", root: Path = ROOT, input_roots: Optional[tuple] = None):
+                 daemon_keys: str = "", root: Path = ROOT, input_roots: Optional[tuple] = None,
+                 interval_s: float = 0.5):
         self.tmp = tmp
         self.state = tmp / "state"
         self.config = tmp / "config.toml"
@@ -42,7 +43,7 @@ class Daemon:
         roots = (tmp.parent,) if input_roots is None else input_roots
         daemon_keys += f"input_roots = {json.dumps([str(r) for r in roots])}\n" if roots else ""
         self.config.write_text(
-            f'[daemon]\nstate_dir = "{self.state}"\nhttp_port = 0\ninterval_s = 0.5\nstop_grace_s = 5.0\n{daemon_keys}' + config
+            f'[daemon]\nstate_dir = "{self.state}"\nhttp_port = 0\ninterval_s = {interval_s}\nstop_grace_s = 5.0\n{daemon_keys}' + config
         )
         self.log_path = tmp / "daemon.log"
         self.notify_path = str(tmp / "notify.sock")
