@@ -65,10 +65,10 @@ from pathlib import Path
 from typing import Optional
 
 from heygem import logs
-from heygem.jobs import NAME_MAX, DuplicateCode, JobError, JobStore, LeaseLost
+from heygem.jobs import DuplicateCode, JobError, JobStore, LeaseLost
 from watchdog.alerts import Condition
-from watchdog.http import (BAD_PARAMETER, BUSY, NOT_FOUND, SUCCESS, SYSTEM_ERROR, _CODE, BadParameter, _field,
-                           query_data, upstream)
+from watchdog.http import (BAD_PARAMETER, BUSY, NOT_FOUND, SUCCESS, SYSTEM_ERROR, BadParameter, parse_submit, query_data,
+                           upstream)
 from watchdog.upstream_api import Answer, Unreachable, UpstreamApi
 
 WORKER = "upstream"  # worker names of tasks held at upstream: `upstream@<host>:<daemon pid>`
@@ -297,16 +297,7 @@ class Front:
         if not accepting:
             return upstream(BUSY, "busy: the service is stopping and takes no new tasks; submit again later")
         try:
-            request = json.loads(body)
-        except ValueError as err:
-            return upstream(BAD_PARAMETER, f"the body is not JSON: {err}")
-        if not isinstance(request, dict):
-            return upstream(BAD_PARAMETER, "the body must be a JSON object")
-        try:
-            audio_url, video_url, code = (_field(request, name) for name in FIELDS)
-            if not _CODE.fullmatch(code) or len(f"{code}-r.mp4".encode()) > NAME_MAX:
-                raise BadParameter(f"code {code!r} must be 1 to 128 letters, digits, '_', '-' or '.', not starting with "
-                                   f"'.', at most {NAME_MAX - 6} bytes (it names the output file)")
+            request, audio_url, video_url, code = parse_submit(body)
         except BadParameter as err:
             return upstream(BAD_PARAMETER, str(err))
         extras = {k: v for k, v in request.items() if k not in FIELDS}

@@ -465,23 +465,7 @@ class ApiServer:
         if not self.accepting():
             return upstream(BUSY, "busy: the service is stopping and takes no new tasks; submit again later")
         try:
-            request = json.loads(body)
-        except ValueError as err:
-            return upstream(BAD_PARAMETER, f"the body is not JSON: {err}")
-        if not isinstance(request, dict):
-            return upstream(BAD_PARAMETER, "the body must be a JSON object")
-        try:
-            audio_url, video_url, code = (_field(request, name) for name in ("audio_url", "video_url", "code"))
-            if not _CODE.fullmatch(code):
-                raise BadParameter(
-                    f"code {code!r} must be 1 to 128 letters, digits, '_', '-' or '.', not starting with '.'"
-                    " (it names the output file)"
-                )
-            if len(f"{code}-r.mp4".encode()) > NAME_MAX:
-                raise BadParameter(
-                    f"code {code!r} is {len(code.encode())} bytes in UTF-8; it names the output file"
-                    f" '<code>-r.mp4', which must fit {NAME_MAX} bytes: a code of at most {NAME_MAX - 6} bytes"
-                )
+            _, audio_url, video_url, code = parse_submit(body)
             audio = self.files.input("audio_url", audio_url)
             video = self.files.input("video_url", video_url)
         except BadParameter as err:
@@ -492,6 +476,25 @@ class ApiServer:
             return upstream(BAD_PARAMETER, f"code {code} is taken: a code is a task's id and cannot be reused")
         log.info("job_submitted", code=code, job=job.id, audio=job.audio, video=job.video)
         return upstream(SUCCESS, "success", {"code": code})
+
+
+def parse_submit(body: bytes) -> tuple[dict, str, str, str]:
+    """Upstream's /easy/submit body -> (request, audio_url, video_url, code); BadParameter names
+    what is wrong. Shared by the embedded API and the front (watchdog.front)."""
+    try:
+        request = json.loads(body)
+    except ValueError as err:
+        raise BadParameter(f"the body is not JSON: {err}") from None
+    if not isinstance(request, dict):
+        raise BadParameter("the body must be a JSON object")
+    audio_url, video_url, code = (_field(request, name) for name in ("audio_url", "video_url", "code"))
+    if not _CODE.fullmatch(code):
+        raise BadParameter(f"code {code!r} must be 1 to 128 letters, digits, '_', '-' or '.', not starting with '.'"
+                           " (it names the output file)")
+    if len(f"{code}-r.mp4".encode()) > NAME_MAX:
+        raise BadParameter(f"code {code!r} is {len(code.encode())} bytes in UTF-8; it names the output file"
+                           f" '<code>-r.mp4', which must fit {NAME_MAX} bytes: a code of at most {NAME_MAX - 6} bytes")
+    return request, audio_url, video_url, code
 
 
 def _field(request: dict, name: str) -> str:
