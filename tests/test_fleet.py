@@ -152,7 +152,11 @@ def test_two_hosts_one_queue_a_dead_host_loses_only_time(daemons, media, tmp_pat
 
     # Exactly once: never two success lines for a job in the two hosts' logs together. A job whose
     # line is missing was completed by host A in the instant it died (committed, not yet logged).
-    succeeded = collections.Counter(r["job"] for d in (a, b) for r in log_events(d, "job_succeeded"))
+    # (A success is committed before its line is written: give the living host's lines a moment.)
+    def logged():
+        return collections.Counter(r["job"] for d in (a, b) for r in log_events(d, "job_succeeded"))
+    wait_for(lambda: all(j.id in logged() for j in jobs.values() if j.host == "host-b") or None, 10, 0.2)
+    succeeded = logged()
     assert set(succeeded.values()) == {1}, succeeded
     unlogged = [j for j in jobs.values() if j.id not in succeeded]
     assert len(unlogged) <= 2 and all(j.host == "host-a" and j.attempts == 1 for j in unlogged), unlogged

@@ -3,12 +3,13 @@ the demo models, real shared memory and a real SQLite store."""
 
 from __future__ import annotations
 
+
 import os
 import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import cv2
@@ -66,8 +67,15 @@ def pipeline(inputs, tmp_path):
 
 
 def stage_children() -> list:
-    """Our children, less multiprocessing's resource tracker (it lives as long as the test run)."""
-    return [c for c in psutil.Process().children() if "resource_tracker" not in " ".join(c.cmdline())]
+    """Our spawned children (stage processes), less multiprocessing's resource tracker (it lives as
+    long as the test run); other children of the test run (the session's PostgreSQL) are not ours."""
+    out = []
+    for c in psutil.Process().children():
+        with suppress(psutil.NoSuchProcess):
+            line = " ".join(c.cmdline())
+            if "multiprocessing" in line and "resource_tracker" not in line:
+                out.append(c)
+    return out
 
 
 def wait(predicate, timeout_s: float, pipeline=None):
