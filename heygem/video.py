@@ -199,11 +199,7 @@ class VideoWriter:
                              f"at {fps:g} fps): {_why_unwritable(self.tmp.parent)}")
 
     def write(self, frame: np.ndarray) -> None:
-        if self._writer is None:
-            raise VideoError(f"{self.path}: writer is closed")
-        w, h = self.size
-        if frame.shape != (h, w, 3) or frame.dtype != np.uint8:
-            raise VideoError(f"{self.path}: frame {self.frames} is {frame.shape} {frame.dtype}, expected ({h}, {w}, 3) uint8")
+        _check_frame(self, frame, self._writer is not None)
         self._writer.write(frame)
         self.frames += 1
 
@@ -347,11 +343,7 @@ class EncodedWriter:
         import select
         import time
 
-        if self._proc is None:
-            raise VideoError(f"{self.path}: writer is closed")
-        w, h = self.size
-        if frame.shape != (h, w, 3) or frame.dtype != np.uint8:
-            raise VideoError(f"{self.path}: frame {self.frames} is {frame.shape} {frame.dtype}, expected ({h}, {w}, 3) uint8")
+        _check_frame(self, frame, self._proc is not None)
         data = memoryview(np.ascontiguousarray(frame)).cast("B")
         deadline = time.monotonic() + self.stall_s
         while data and not self.ended:
@@ -450,6 +442,15 @@ class EncodedWriter:
             self.close()
         else:
             self.abort()
+
+
+def _check_frame(writer, frame: np.ndarray, open_: bool) -> None:
+    """Both writers refuse a write after close, and a frame of another size or type."""
+    if not open_:
+        raise VideoError(f"{writer.path}: writer is closed")
+    w, h = writer.size
+    if frame.shape != (h, w, 3) or frame.dtype != np.uint8:
+        raise VideoError(f"{writer.path}: frame {writer.frames} is {frame.shape} {frame.dtype}, expected ({h}, {w}, 3) uint8")
 
 
 _SYSTEM_ERRORS = ("No space left on device", "Read-only file system", "Permission denied", "No such file or directory",

@@ -433,21 +433,8 @@ def api(media, tmp_path_factory):
         api.planted = planted
         yield api
     finally:
-        stop_daemon(d)
+        d.stop_and_clear()
         planted.unlink(missing_ok=True)
-
-
-def stop_daemon(d) -> None:
-    import psutil
-
-    pids = d.descendants()
-    d.stop()
-    for pid in pids:  # only processes of the daemon this test started
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                os.kill(pid, signal.SIGKILL)
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            pass
 
 
 def answer(got: tuple[int, object]) -> tuple[int, int, str]:

@@ -43,11 +43,7 @@ def start(tmp_path):
 
     yield _start
     for d in started:
-        pids = d.descendants()
-        d.stop()
-        left = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        for pid in left:  # only processes of the daemon this test started
-            os.kill(pid, signal.SIGKILL)
+        left = d.stop_and_clear()
         assert not left, f"daemon left processes behind: {left}"
 
 

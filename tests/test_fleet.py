@@ -21,7 +21,6 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -58,14 +57,7 @@ def daemons(tmp_path):
 
     yield start
     for d in started:
-        pids = d.descendants()
-        d.stop()
-        for pid in pids:  # only processes of the daemons this test started
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    os.kill(pid, signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
+        d.stop_and_clear()
     from heygem import segments
 
     segments.sweep()  # the shared memory of a SIGKILLed daemon's replicas (dead supervisors' only)

@@ -10,9 +10,7 @@ client polling like upstream's desktop client.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
-import signal
 import socket
 import sys
 import threading
@@ -22,7 +20,6 @@ import wave
 from pathlib import Path
 from types import SimpleNamespace
 
-import psutil
 import pytest
 
 from benchmarks.support import standin_upstream as standin
@@ -394,11 +391,4 @@ def test_fifty_tasks_through_the_front_survive_a_hang_a_crash_and_a_blocked_queu
     finally:
         if client is not None:
             client.stop.set()
-        pids = d.descendants()
-        d.stop()
-        for pid in pids:  # only processes of the daemon this test started
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    os.kill(pid, signal.SIGKILL)
-            except (psutil.NoSuchProcess, ProcessLookupError):
-                pass
+        d.stop_and_clear()

@@ -9,14 +9,11 @@ folder (`~/heygem_data/face2face/temp`, `src/main/config/config.js` `assetPath.m
 
 from __future__ import annotations
 
-import os
 import posixpath
-import signal
 import time
 import uuid
 
 import cv2
-import psutil
 import pytest
 
 from heygem import assets
@@ -101,11 +98,4 @@ def test_the_desktop_client_works_unchanged_with_a_data_folder(tmp_path):
         assert (d.state / "jobs.sqlite3").exists() and (d.state / "snapshot.json").exists()
         assert sorted(p.name for p in data.iterdir()) == sorted([video_name, audio_name, f"{code}-r.mp4"])
     finally:
-        pids = d.descendants()
-        d.stop()
-        for pid in pids:  # only processes of the daemon this test started
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    os.kill(pid, signal.SIGKILL)
-            except (psutil.NoSuchProcess, ProcessLookupError):
-                pass
+        d.stop_and_clear()

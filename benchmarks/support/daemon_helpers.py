@@ -142,6 +142,23 @@ class Daemon:
             self.notify.close()
         return self.proc.returncode
 
+    def stop_and_clear(self) -> list[int]:
+        """Stop the daemon, then SIGKILL what it left of its own tree (pids captured before the
+        stop, so only this daemon's processes); returns the pids that had to be killed."""
+        import psutil
+
+        pids = self.descendants()
+        self.stop()
+        left = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    os.kill(pid, signal.SIGKILL)
+                    left.append(pid)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        return left
+
     def descendants(self) -> list[int]:
         import psutil
 
