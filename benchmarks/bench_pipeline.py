@@ -35,7 +35,8 @@ encoder processes encode started), where each stage's wall time went (the stage 
 frames, or waiting for input, output, a ring slot, a job, a job's start or end) and how long the
 run went on after the generator's last frame (the last job's encoder flush and completion).
 The header gives the CPU model, the cores, the load average and whether ffmpeg is installed
-(--no-ffmpeg runs every row as on a host without it).
+(--no-ffmpeg runs every row as on a host without it). Every row encodes with the pipeline's x264
+settings (heygem.pipeline.Pipeline.encoding); --preset sets the preset (default veryfast).
 
 With --device N every session (stages alone, the sequential loop, the pipeline's one replica,
 devices = [N]) is asked for CUDA on GPU N and refuses to fall back; the generator-bound setting
@@ -43,7 +44,7 @@ adds the generator alone on CPU (all cores), for CUDA vs CPU. --json FILE writes
 median fps (benchmarks/gpu_check.py reads it).
 
     .venv/bin/python benchmarks/bench_pipeline.py [--jobs 4] [--seconds 4] [--size 640x360] [--heavier 12] [--rounds 3]
-                                                  [--device cpu|N] [--json FILE] [--no-ffmpeg]
+                                                  [--device cpu|N] [--json FILE] [--no-ffmpeg] [--preset P]
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ import numpy as np  # noqa: E402
 from heygem import assets, audio, face, video  # noqa: E402
 from heygem.batch import Batch  # noqa: E402
 from heygem.board import TIMES  # noqa: E402
-from heygem.config import ModelPaths, PipelineConfig  # noqa: E402
+from heygem.config import PRESETS, ModelPaths, PipelineConfig  # noqa: E402
 from heygem.jobs import JobStore  # noqa: E402
 from heygem.models import build_demo_models, infer  # noqa: E402
 from heygem.pipeline import Pipeline  # noqa: E402
@@ -125,17 +126,17 @@ def generate(s: dict, batch: Batch, crops: list, feats: np.ndarray) -> None:
         batch.outputs(out, chunk)
 
 
-def encode(decoded: list, out: Path, fps: float, size: tuple, speech=None) -> None:
+def encode(decoded: list, out: Path, fps: float, size: tuple, speech=None, encoding=video.Encoding()) -> None:
     """Encode's per-frame work: paste the crop back, write the frame. With `speech`, through the
     writer the stage uses (heygem.video.open_writer: with ffmpeg, H.264 + the audio as frames
     come, ffmpeg's time included); without, a silent mp4v (OpenCV)."""
-    with video.open_writer(out, fps, size, speech) as writer:
+    with video.open_writer(out, fps, size, speech, encoding) as writer:
         for frame, crop, placement in decoded:
             writer.write(face.paste(frame, crop, placement))
 
 
-def stages_alone(models: dict, threads: int, template: Path, speech: Path, n: int, work: Path, beside: bool = False,
-                 device="cpu", cpu_threads: int = 0) -> dict[str, float]:
+def stages_alone(models: dict, threads: int, template: Path, speech: Path, n: int, work: Path, encoding: video.Encoding,
+                 beside: bool = False, device="cpu", cpu_threads: int = 0) -> dict[str, float]:
     """Seconds for `n` frames of each stage's own work, one stage at a time. With `beside`,
     generate runs once more next to another process that decodes and encodes at the generator's
     own pace: the load the other two stages put on the machine in the pipeline. With
@@ -157,7 +158,7 @@ def stages_alone(models: dict, threads: int, template: Path, speech: Path, n: in
         ctx = multiprocessing.get_context("spawn")
         ready, stop = ctx.Event(), ctx.Event()
         other = ctx.Process(target=company, args=(models, template, speech, n / times["generate"], work / "company.mp4",
-                                                  ready, stop))
+                                                  encoding, ready, stop))
         other.start()
         try:
             ready.wait(60)
@@ -166,7 +167,7 @@ def stages_alone(models: dict, threads: int, template: Path, speech: Path, n: in
             stop.set()
             other.join(60)
     began = time.perf_counter()
-    encode(decoded, work / "encode-alone.mp4", info.fps, (info.width, info.height), speech)
+    encode(decoded, work / "encode-alone.mp4", info.fps, (info.width, info.height), speech, encoding)
     times["encode"] = time.perf_counter() - began
     return times
 
@@ -180,7 +181,8 @@ def generate_seconds(s: dict, decoded: list) -> float:
     return time.perf_counter() - began
 
 
-def company(models: dict, template: Path, speech: Path, fps: float, out: Path, ready, stop) -> None:
+def company(models: dict, template: Path, speech: Path, fps: float, out: Path, encoding: video.Encoding, ready,
+            stop) -> None:
     """Decode and encode the template over and over, `fps` frames a second, until `stop`."""
     tune_process()
     s = sessions(models, 1)
@@ -189,15 +191,17 @@ def company(models: dict, template: Path, speech: Path, fps: float, out: Path, r
     ready.set()
     due = time.perf_counter()
     while not stop.is_set():
-        encode(decode_frames(s, template, chunk), out, info.fps, (info.width, info.height), speech)
+        encode(decode_frames(s, template, chunk), out, info.fps, (info.width, info.height), speech, encoding)
         due += len(chunk) / fps
         stop.wait(max(0.0, due - time.perf_counter()))
 
 
-def sequential(models: dict, threads: int, audio_path: Path, template: Path, out: Path, device="cpu") -> tuple[int, float]:
+def sequential(models: dict, threads: int, audio_path: Path, template: Path, out: Path, encoding: video.Encoding,
+               device="cpu") -> tuple[int, float]:
     """The same work with no processes and no overlap: the baseline the pipeline must beat. As
     upstream does a job: features, every frame through every stage, then the mux (with ffmpeg:
-    H.264 + AAC, the output the pipeline writes; without: the silent mp4v, as the pipeline)."""
+    H.264 + AAC, the output the pipeline writes, same x264 settings; without: the silent mp4v,
+    as the pipeline)."""
     s = sessions(models, threads, device)
     began = time.perf_counter()
     info = video.probe(template)
@@ -210,7 +214,7 @@ def sequential(models: dict, threads: int, audio_path: Path, template: Path, out
     generate(s, batch, [crop for _, crop, _ in decoded], feats)
     silent = out.with_name(f"{out.stem}.silent{out.suffix}")
     encode(decoded, silent, info.fps, (info.width, info.height))
-    video.mux(silent, audio_path, out)
+    video.mux(silent, audio_path, out, encoding=encoding)
     return len(decoded), time.perf_counter() - began
 
 
@@ -299,7 +303,10 @@ def stage_cpu(p: Pipeline) -> dict[str, float]:
 def setting(title: str, models: dict, threads: int, pipelines: list[tuple[str, PipelineConfig]],
             models_dir: Path, work: Path, jobs: list[tuple[Path, Path]], rounds: int, beside: bool = False,
             device="cpu", cpu_threads: int = 0) -> dict:
-    """Every row `rounds` times, interleaved (load on a shared machine hits every row alike); medians."""
+    """Every row `rounds` times, interleaved (load on a shared machine hits every row alike); medians.
+    The single-process rows encode as the first pipeline does (its x264 preset, crf, threads)."""
+    first = Pipeline(pipelines[0][1], None, work)
+    encoding = first.encoding(first.devices)
     speech, template = jobs[0]
     info = video.probe(template)
     # Stages alone run one job of up to ALONE_MAX frames (a frame plan is at most 10x its template).
@@ -311,9 +318,9 @@ def setting(title: str, models: dict, threads: int, pipelines: list[tuple[str, P
     for _ in range(rounds):
         n_seq, t_seq = 0, 0.0
         for _ in jobs:
-            n, t = sequential(models, threads, speech, template, work / "seq.mp4", device)
+            n, t = sequential(models, threads, speech, template, work / "seq.mp4", encoding, device)
             n_seq, t_seq = n_seq + n, t_seq + t
-        for stage, t in stages_alone(models, threads, template, speech_alone, n_alone, work, beside, device,
+        for stage, t in stages_alone(models, threads, template, speech_alone, n_alone, work, encoding, beside, device,
                                      cpu_threads).items():
             fps.setdefault(f"{stage} stage alone" if " " not in stage else stage, []).append(n_alone / t)
         fps.setdefault("sequential loop, 1 process", []).append(n_seq / t_seq)
@@ -323,7 +330,8 @@ def setting(title: str, models: dict, threads: int, pipelines: list[tuple[str, P
             fps.setdefault(name, []).append(r["frames"] / r["wall"])
     median = {name: statistics.median(values) for name, values in fps.items()}
     neck = min((name for name in median if name.endswith("stage alone")), key=median.get)
-    print(f"\n{title}: {n_seq} frames each way ({n_alone} for stages alone), generator threads {threads}, "
+    x264 = f"x264 {encoding.preset}, crf {encoding.crf}, {encoding.threads} thread(s)" if shutil.which("ffmpeg") else "mp4v"
+    print(f"\n{title}: {n_seq} frames each way ({n_alone} for stages alone), generator threads {threads}, {x264}, "
           f"median of {rounds} rounds; load average {os.getloadavg()[0]:.2f} now")
     print(f"{'run':<44} {'fps':>7} {'vs bottleneck':>14} {'vs sequential':>14} {'startup s':>10} {'peak RSS MiB/replica':>21}"
           "  fps of each round")
@@ -348,6 +356,10 @@ def setting(title: str, models: dict, threads: int, pipelines: list[tuple[str, P
         details[name] = {"cpu_ms_per_frame": per_frame, "generate_cpu_of_wall": busy, "tail_s": tail,
                          "times_of_wall": {stage: {k: statistics.median(r["times"][stage][k] / r["wall"] for r in rs)
                                                    for k in TIMES} for stage in rs[0]["times"]}}
+    first_name = pipelines[0][0]
+    paired = [run / neck_fps for run, neck_fps in zip(fps[first_name], fps[neck])]
+    print(f"{first_name} / the bottleneck alone, in the same round (a shared machine's speed drifts between rounds): "
+          f"{' / '.join(f'{r:.2f}' for r in paired)}, median {statistics.median(paired):.2f}x")
     if "generate beside decode + encode" in median:
         print(f"pipeline vs the generator with decode + encode beside it: "
               f"{median[pipelines[0][0]] / median['generate beside decode + encode']:.2f}x")
@@ -356,7 +368,7 @@ def setting(title: str, models: dict, threads: int, pipelines: list[tuple[str, P
         print(f"scaling 1 -> 2 replicas: {two / one:.2f}x")
     states = set().union(*(r['states'] for rs in runs.values() for r in rs))
     print(f"job states: {states}")
-    return {"title": title, "frames": n_seq, "fps": median, "fps_rounds": fps, "bottleneck": neck,
+    return {"title": title, "frames": n_seq, "fps": median, "fps_rounds": fps, "bottleneck": neck, "paired": paired,
             "job_states": sorted(states), "pipelines": details}
 
 
@@ -391,6 +403,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every row (medians)")
     ap.add_argument("--device", default="cpu", help='"cpu" (default) or a GPU index: every session on CUDA there')
     ap.add_argument("--json", type=Path, help="also write every row's median fps to this file")
+    ap.add_argument("--preset", default=PipelineConfig().encoder_preset, choices=PRESETS,
+                    help="x264 preset of every output (the pipeline's encoder_preset)")
     ap.add_argument("--no-ffmpeg", action="store_true",
                     help="run as on a host without ffmpeg (silent mp4v outputs, no encoder process)")
     args = ap.parse_args()
@@ -415,30 +429,34 @@ def main() -> None:
               "encode streams frames to ffmpeg as they come" if ffmpeg else
               "ffmpeg: none: outputs are silent mp4v (OpenCV), no encoder process")
 
+        def config(**kw) -> PipelineConfig:
+            return PipelineConfig(encoder_preset=args.preset, **kw)
+
         results = []
         if device == "cpu":
             results.append(setting("demo models", models, cores, [
-                ("pipeline, 1 replica", PipelineConfig(cpu_replicas=1)),
-                ("pipeline, 2 replicas", PipelineConfig(cpu_replicas=2)),
-                ("pipeline, 1 replica, cpu_threads = 1", PipelineConfig(cpu_threads=1)),
+                ("pipeline, 1 replica", config(cpu_replicas=1)),
+                ("pipeline, 2 replicas", config(cpu_replicas=2)),
+                ("pipeline, 1 replica, cpu_threads = 1", config(cpu_threads=1)),
             ], work / "models", work, jobs, args.rounds))
         else:
             results.append(setting("demo models", models, cores, [
-                ("pipeline, 1 replica", PipelineConfig(devices=[device])),
+                ("pipeline, 1 replica", config(devices=[device])),
             ], work / "models", work, jobs, args.rounds, device=device))
 
         heavy = {**models, "generator": heavier_generator(models["generator"], args.heavier, work / "heavy_generator.onnx")}
         if device == "cpu":
             results.append(setting(f"generator-bound (+{args.heavier} identity convolutions, a core of its own)", heavy, 1, [
-                ("pipeline, 1 replica", PipelineConfig(cpu_threads=1, models=ModelPaths(generator=heavy["generator"]))),
+                ("pipeline, 1 replica", config(cpu_threads=1, models=ModelPaths(generator=heavy["generator"]))),
             ], work / "models", work, jobs, args.rounds, beside=True))
         else:
             results.append(setting(f"generator-bound (+{args.heavier} identity convolutions, on GPU {device})", heavy, 1, [
-                ("pipeline, 1 replica", PipelineConfig(devices=[device], models=ModelPaths(generator=heavy["generator"]))),
+                ("pipeline, 1 replica", config(devices=[device], models=ModelPaths(generator=heavy["generator"]))),
             ], work / "models", work, jobs, args.rounds, beside=True, device=device, cpu_threads=cores))
         command = (f".venv/bin/python benchmarks/bench_pipeline.py --jobs {args.jobs} --seconds {args.seconds:g} "
                    f"--size {args.size} --heavier {args.heavier} --rounds {args.rounds}"
-                   + ("" if device == "cpu" else f" --device {device}") + (" --no-ffmpeg" if args.no_ffmpeg else ""))
+                   + ("" if device == "cpu" else f" --device {device}") + (" --no-ffmpeg" if args.no_ffmpeg else "")
+                   + ("" if args.preset == PipelineConfig().encoder_preset else f" --preset {args.preset}"))
         print(f"\ncommand: {command}")
         if args.json:
             args.json.write_text(json.dumps({"device": device, "command": command, "cpu": cpu_model(), "cores": cores,

@@ -11,6 +11,9 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# x264's presets, fastest first (`ffmpeg -h encoder=libx264`).
+PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
 
 class Section(BaseModel):
     """Base for every config section: unknown keys and silent type coercion are errors."""
@@ -47,6 +50,15 @@ class PipelineConfig(Section):
     max_height: int = Field(default=2160, ge=16)
     face_box: Optional[tuple[int, int, int, int]] = Field(
         default=None, strict=False, description="fixed face box x, y, w, h when no detector model is set"
+    )
+    encoder_preset: Literal[PRESETS] = Field(
+        default="veryfast",
+        description="x264 preset of the outputs: faster costs less CPU and latency per frame, slower gives smaller files",
+    )
+    encoder_crf: int = Field(default=20, ge=0, le=51, description="x264 constant rate factor (lower: better, larger)")
+    encoder_threads: Optional[int] = Field(
+        default=None, ge=1, le=64,
+        description="x264 threads per job (default: the cores the replicas' CPU generators leave, shared among replicas)",
     )
     models: ModelPaths = ModelPaths()
 

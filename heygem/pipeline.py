@@ -24,6 +24,7 @@ from heygem.config import PipelineConfig
 from heygem.jobs import UNAVAILABLE, JobStore
 from heygem.replica import Replica
 from heygem.stages import STAGES, StageSpec
+from heygem.video import Encoding
 
 
 def resolve_models(config: PipelineConfig, models_dir: Path) -> dict[str, str]:
@@ -48,6 +49,15 @@ def resolve_models(config: PipelineConfig, models_dir: Path) -> dict[str, str]:
     return {role: str(p) for role, p in paths.items()}
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity (a cpuset, systemd's CPUAffinity=), which
+    sizes thread pools better than the host's core count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class Pipeline:
     def __init__(self, config: PipelineConfig, store: JobStore, models_dir: Path,
                  output_dir: Optional[Path] = None, log_json: bool = True, log_level: str = "info"):
@@ -70,7 +80,18 @@ class Pipeline:
 
     def cpu_threads(self, replicas: int) -> int:
         """The generator's intra-op threads in a CPU replica: configured, or the cores shared."""
-        return self.config.cpu_threads or max(1, (os.cpu_count() or 1) // replicas)
+        return self.config.cpu_threads or max(1, usable_cores() // replicas)
+
+    def encoding(self, devices: list) -> Encoding:
+        """The outputs' H.264. x264's threads per job: configured, or the cores that the CPU
+        replicas' generators leave, shared among the replicas (at least one). x264's own choice
+        sizes itself to the whole host: on 2 cores beside a CPU generator, 3 frame threads and a
+        lookahead thread that preempted the generator and cost 7 % more CPU per frame than one
+        thread (BENCHMARKS.md, issue 16)."""
+        cpu = devices.count("cpu")
+        left = usable_cores() - (cpu * self.cpu_threads(cpu) if cpu else 0)
+        threads = self.config.encoder_threads or max(1, left // len(devices))
+        return Encoding(self.config.encoder_preset, self.config.encoder_crf, threads)
 
     def start(self) -> None:
         """Check the models, free what dead supervisors left in /dev/shm, create the board, spawn
@@ -79,6 +100,7 @@ class Pipeline:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.swept = segments.sweep()
         devices = self.devices
+        encoding = self.encoding(devices)
         self.board = Board.create(segments.segment_name("board"), len(devices), STAGES)
         for index, device in enumerate(devices):
             base = StageSpec(
@@ -86,7 +108,7 @@ class Pipeline:
                 models=self.models, fallback=self.config.fallback, batch_size=self.config.batch_size,
                 lease_s=self.config.lease_s, max_width=self.config.max_width, max_height=self.config.max_height,
                 face_box=self.config.face_box, output_dir=str(self.output_dir),
-                threads=self.cpu_threads(len(devices)) if device == "cpu" else None,
+                threads=self.cpu_threads(len(devices)) if device == "cpu" else None, encoding=encoding,
             )
             replica = Replica(index, base, self.config.ring_slots, log_json=self.log_json, log_level=self.log_level)
             replica.start()

@@ -52,6 +52,7 @@ from heygem.channels import Channels, release_queues
 from heygem.jobs import NAME_MAX, JobError, JobStore, worker_host
 from heygem.ring import FrameRef, FrameRing, get_bounded, put_bounded
 from heygem.tuning import HELPER_NICE, tune_process
+from heygem.video import Encoding
 
 STAGES = ("decode", "generate", "encode")
 CROP = 256
@@ -87,6 +88,7 @@ class StageSpec:
     face_box: Optional[tuple]
     output_dir: str
     threads: Optional[int] = None  # the generator's intra-op threads (CPU replicas share the cores)
+    encoding: Encoding = Encoding()  # the outputs' H.264: x264 preset, crf, threads
     supervisor: int = 0  # pid of the process that spawned the stage (read there, not in the child)
 
 
@@ -605,7 +607,7 @@ class Encode(Stage):
             video.make_output_folder(msg.output)
             # Named after the job: the previous job's completion may still hold a file of the same output.
             self.writer = video.open_writer(temp_path(Path(msg.output), f"video-{msg.job}"), msg.fps, msg.size,
-                                            audio=msg.audio)
+                                            audio=msg.audio, encoding=self.spec.encoding)
             self.now_doing("work")
             return
         if isinstance(msg, FrameMsg):
@@ -692,7 +694,7 @@ class Encode(Stage):
             if writer.muxed:
                 staged, muxed = done, True
             else:
-                muxed = video.mux(done, start.audio, staged)
+                muxed = video.mux(done, start.audio, staged, encoding=self.spec.encoding)
             took = time.perf_counter() - began
             # the job may have been cancelled or handed elsewhere meanwhile: then no output
             self.store.renew(job, self.spec.worker, self.spec.lease_s)

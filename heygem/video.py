@@ -17,7 +17,7 @@ import subprocess
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Iterable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -27,8 +27,24 @@ CACHE_BYTES = 256 << 20
 MUX_TIMEOUT_S = 600.0
 # An EncodedWriter whose ffmpeg takes no frame data for this long has failed.
 WRITE_STALL_S = 60.0
-# The encoding both `mux` and `EncodedWriter` produce: H.264 + AAC, ending with the shorter stream.
-ENCODING = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "20", "-c:a", "aac", "-b:a", "128k", "-shortest"]
+class Encoding(NamedTuple):
+    """What `mux` and `EncodedWriter` produce: H.264 (x264) + AAC, ending with the shorter stream.
+
+    The default preset is veryfast, not x264's medium, because the encoder shares the CPU with
+    the pipeline (BENCHMARKS.md, issue 16; 640x360, crf 20): it costs a third less CPU per frame
+    (3.1 vs 4.6 ms), and its 10-frame lookahead instead of 40 is what a job waits for after its
+    last frame (0.06 - 0.09 vs 0.14 - 0.23 s). The price: 52.8 vs 54.6 dB PSNR against the frames
+    at crf 20, both far beyond what the eye tells apart. `threads` 0 leaves x264 its own choice
+    (1.5 threads per core); the pipeline sizes it to the cores its generators leave free.
+    """
+
+    preset: str = "veryfast"
+    crf: int = 20
+    threads: int = 0
+
+    def args(self) -> list[str]:
+        return ["-c:v", "libx264", "-preset", self.preset, "-crf", str(self.crf), "-threads", str(self.threads),
+                "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k", "-shortest"]
 # OpenCV's FFmpeg backend reads an input as exactly one local file, like heygem.audio's ffmpeg:
 # the file protocol only, and containers that cannot refer to other files (an HLS playlist would
 # otherwise make it read any video on the host). OpenCV reads this variable at every open.
@@ -246,8 +262,9 @@ class VideoWriter:
             self.abort()
 
 
-def mux(video: Union[str, Path], audio: Union[str, Path], out: Union[str, Path], timeout_s: float = MUX_TIMEOUT_S) -> bool:
-    """Put `audio` under `video` as `out` (H.264 + AAC, ends with the shorter stream).
+def mux(video: Union[str, Path], audio: Union[str, Path], out: Union[str, Path], timeout_s: float = MUX_TIMEOUT_S,
+        encoding: Encoding = Encoding()) -> bool:
+    """Put `audio` under `video` as `out` (`encoding`: H.264 + AAC, ends with the shorter stream).
 
     Returns True when muxed. Without ffmpeg the silent video is moved to `out` and False is
     returned, for the caller to report; the job still has its frames. `video` is consumed
@@ -263,7 +280,7 @@ def mux(video: Union[str, Path], audio: Union[str, Path], out: Union[str, Path],
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.mux{out.suffix or '.mp4'}")
     cmd = [
         ffmpeg, "-nostdin", "-v", "error", "-y", *ffmpeg_input(video, VIDEO_FORMATS), *ffmpeg_input(audio),
-        "-map", "0:v:0", "-map", "1:a:0", *ENCODING, str(tmp),
+        "-map", "0:v:0", "-map", "1:a:0", *encoding.args(), str(tmp),
     ]
     try:
         done = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
@@ -279,19 +296,19 @@ def mux(video: Union[str, Path], audio: Union[str, Path], out: Union[str, Path],
     return True
 
 
-def open_writer(path: Union[str, Path], fps: float, size: tuple[int, int],
-                audio: Optional[Union[str, Path]] = None) -> Union["EncodedWriter", VideoWriter]:
+def open_writer(path: Union[str, Path], fps: float, size: tuple[int, int], audio: Optional[Union[str, Path]] = None,
+                encoding: Encoding = Encoding()) -> Union["EncodedWriter", VideoWriter]:
     """The writer for a job's frames: with ffmpeg installed and an `audio`, an `EncodedWriter`
     (the finished video, `muxed`); otherwise a `VideoWriter` (silent mp4v, for `mux`)."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is not None and audio is not None:
-        return EncodedWriter(path, fps, size, audio, ffmpeg)
+        return EncodedWriter(path, fps, size, audio, ffmpeg, encoding=encoding)
     return VideoWriter(path, fps, size)
 
 
 class EncodedWriter:
     """Pipe BGR uint8 frames into ffmpeg, which encodes them with `audio` under them as `mux`
-    does (`ENCODING`), atomically, as they come.
+    does (`encoding`), atomically, as they come.
 
     Writing a `VideoWriter`'s mp4v and then `mux`ing it encodes every frame twice, and the
     second pass (measured: 5.5 ms of CPU per 640x360 frame) starts only when the last frame is
@@ -308,7 +325,7 @@ class EncodedWriter:
     muxed = True
 
     def __init__(self, path: Union[str, Path], fps: float, size: tuple[int, int], audio: Union[str, Path],
-                 ffmpeg: Optional[str] = None, stall_s: float = WRITE_STALL_S):
+                 ffmpeg: Optional[str] = None, stall_s: float = WRITE_STALL_S, encoding: Encoding = Encoding()):
         import fcntl
         import tempfile
 
@@ -326,7 +343,7 @@ class EncodedWriter:
         w, h = self.size
         cmd = [ffmpeg, "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "bgr24", "-s", f"{w}x{h}",
                "-r", repr(float(fps)), "-i", "pipe:0", *ffmpeg_input(audio), "-map", "0:v:0", "-map", "1:a:0",
-               *ENCODING, str(self.tmp)]
+               *encoding.args(), str(self.tmp)]
         self._errors = tempfile.TemporaryFile()  # ffmpeg's reasons, read when it fails
         try:
             self._proc: Optional[subprocess.Popen] = subprocess.Popen(

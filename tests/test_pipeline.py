@@ -336,7 +336,26 @@ def test_start_frees_the_rings_a_dead_supervisor_left(inputs, tmp_path):
 def test_cpu_generator_threads_are_configured_or_the_cores_shared(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite3")
     assert Pipeline(PipelineConfig(cpu_threads=3), store, tmp_path).cpu_threads(replicas=2) == 3
-    assert Pipeline(PipelineConfig(), store, tmp_path).cpu_threads(replicas=2) == max(1, (os.cpu_count() or 1) // 2)
+    assert Pipeline(PipelineConfig(), store, tmp_path).cpu_threads(replicas=2) == max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def test_encoder_threads_are_the_cores_the_generators_leave(tmp_path, monkeypatch):
+    """Issue 16: x264 sized to the whole host preempted a CPU generator; it gets what is left."""
+    from heygem import pipeline
+    from heygem.video import Encoding
+
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 16)
+    store = JobStore(tmp_path / "jobs.sqlite3")
+
+    def encoding(**config):
+        p = Pipeline(PipelineConfig(**config), store, tmp_path)
+        return p.encoding(p.devices)
+
+    assert encoding(cpu_threads=1) == Encoding("veryfast", 20, 15)
+    assert encoding().threads == 1  # the generator has every core: x264 still gets one
+    assert encoding(cpu_replicas=4, cpu_threads=2).threads == 2  # (16 - 4 x 2) / 4
+    assert encoding(devices=[0, 1]).threads == 8  # GPU generators leave every core
+    assert encoding(encoder_threads=3, encoder_preset="medium", encoder_crf=18) == Encoding("medium", 18, 3)
 
 
 EXIT_WITH_UNREAD = """

@@ -145,6 +145,36 @@ def test_encoded_writer_makes_what_mux_makes_in_one_pass(tmp_path):
     assert isinstance(video.open_writer(tmp_path / "silent.mp4", 10.0, (64, 48)), video.VideoWriter)  # no audio
 
 
+def x264_options(path) -> dict[str, str]:
+    """The options x264 wrote into the stream (its SEI user data: "... options: key=value ...")."""
+    data = path.read_bytes()
+    start = data.index(b"options: ") + len(b"options: ")
+    text = data[start : data.index(b"\x00", start)].decode("ascii")
+    return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
+def test_both_encoders_write_the_configured_x264_settings(tmp_path):
+    """The preset, crf and threads given reach x264, through the streaming writer and through
+    mux; the default is veryfast (its 10-frame lookahead), x264's own medium looks 40 ahead."""
+    from heygem.assets import make_speech_audio
+
+    wav = make_speech_audio(tmp_path / "a.wav", 1.0)
+    frames = [np.full((48, 64, 3), 10 * (i + 1), np.uint8) for i in range(10)]
+    with video.open_writer(tmp_path / "default.mp4", 10.0, (64, 48), wav) as writer:
+        for frame in frames:
+            writer.write(frame)
+    assert x264_options(tmp_path / "default.mp4")["rc_lookahead"] == "10"
+    medium = video.Encoding(preset="medium", crf=18, threads=1)
+    with video.open_writer(tmp_path / "medium.mp4", 10.0, (64, 48), wav, encoding=medium) as writer:
+        for frame in frames:
+            writer.write(frame)
+    video.mux(numbered_video(tmp_path / "frames.mp4", n=10), wav, tmp_path / "muxed.mp4", encoding=medium)
+    for path in (tmp_path / "medium.mp4", tmp_path / "muxed.mp4"):
+        options = x264_options(path)
+        assert (options["rc_lookahead"], options["crf"][:5], options["threads"]) == ("40", "18.0", "1"), path
+
+
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 def test_encoded_writer_aborts_cleanly_and_says_why_ffmpeg_failed(tmp_path):
     from heygem.assets import make_speech_audio
