@@ -6,6 +6,7 @@ daemon's snapshot), and every test checks the alert JSON lines the daemon logged
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -267,3 +268,45 @@ def test_external_mode_knows_upstreams_queue_full_line_without_configured_patter
     took = time.monotonic() - written
     assert fired and "队列满" in fired[0]["evidence"]["line"], d.log_path.read_text()[-3000:]
     assert took <= 2 * 0.5 + 0.5, took  # two ticks of 0.5 s, and the poll's slack
+
+
+def reloaded(d: Daemon, config: str) -> dict:
+    """Write `config`, SIGHUP, and return the daemon's config_reloaded record."""
+    seen = len([r for r in d.records() if r.get("event") == "config_reloaded"])
+    d.config.write_text(config)
+    d.proc.send_signal(signal.SIGHUP)
+    done = wait_for(lambda: [r for r in d.records() if r.get("event") in ("config_reloaded", "config_reload_failed")][seen:], 15)
+    assert done and done[0]["event"] == "config_reloaded", d.log_path.read_text()[-3000:]
+    return done[0]
+
+
+def test_sighup_applies_new_input_roots_to_the_api_without_restarting_replicas(start, media, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    d = start(input_roots=(elsewhere,))
+    assert d.wait_notify("READY=1")
+    status, body = d.http("/easy/submit", {"audio_url": str(media["audio"]), "video_url": str(media["template"]),
+                                           "code": "before"})
+    assert status == 200 and body["code"] != 10000, body  # outside every root: refused
+    record = reloaded(d, d.config.read_text().replace(json.dumps([str(elsewhere)]),
+                                                      json.dumps([str(elsewhere), str(media["audio"].parent)])))
+    assert record["service_restarted"] is False
+    submit(d, media["audio"], media["template"], "after")
+    assert until_done(d, "after")["data"]["status"] == 2
+
+
+def test_sighup_moves_the_log_watch_to_a_new_log_file_and_leaves_upstream_running(start, tmp_path):
+    app, first, second = tmp_path / "app.py", tmp_path / "dh.log", tmp_path / "dh2.log"
+    app.write_text("import time\nwhile True:\n    time.sleep(0.2)\n")
+    first.write_text("")
+    second.write_text("")
+    d = start("", daemon_keys=f'mode = "external"\ncommand = ["{sys.executable}", "{app}"]\nlog_file = "{first}"\n')
+    assert d.wait_notify("READY=1")
+    upstream = [c.pid for c in psutil.Process(d.proc.pid).children() if str(app) in " ".join(c.cmdline())]
+    record = reloaded(d, d.config.read_text().replace(f'log_file = "{first}"', f'log_file = "{second}"'))
+    assert record["service_restarted"] is False
+    with open(second, "a", encoding="utf-8") as f:
+        f.write("[2025-03-18 12:53:08,001] [process.py[line:110]] [ERROR] [[1002]任务视频驱动队列满，严重阻塞，下游队列异常]\n")
+    fired = wait_for(lambda: d.alerts("queue_full"), 10, every_s=0.05)
+    assert fired and fired[0]["evidence"]["file"] == str(second), d.log_path.read_text()[-3000:]
+    assert upstream and [c.pid for c in psutil.Process(d.proc.pid).children() if str(app) in " ".join(c.cmdline())] == upstream

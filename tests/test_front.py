@@ -322,16 +322,23 @@ class Client(threading.Thread):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_fifty_tasks_through_the_front_survive_a_hang_a_crash_and_a_blocked_queue(tmp_path):
+def standin_upstream(tmp_path: Path, template: str, per_audio_s: float, startup_s: float) -> tuple:
+    """A stand-in upstream's folders (data with speech.wav and `template`, control, its dh.log),
+    its port and its command line."""
     data, control, dh_log = tmp_path / "data", tmp_path / "control", tmp_path / "dh.log"
     data.mkdir()
     control.mkdir()
     dh_log.write_text("")
     write_wav(data / "speech.wav", 0.4)
-    (data / "20250325085726279.mp4").write_bytes(b"template")
+    (data / template).write_bytes(b"template")
     port = _free_port()
     command = [sys.executable, str(STANDIN), "--port", str(port), "--data", str(data), "--log", str(dh_log), "--control",
-               str(control), "--per-audio-s", "0.25", "--base-s", "0.05", "--startup-s", "0.3"]
+               str(control), "--per-audio-s", str(per_audio_s), "--base-s", "0.05", "--startup-s", str(startup_s)]
+    return data, control, dh_log, port, command
+
+
+def test_fifty_tasks_through_the_front_survive_a_hang_a_crash_and_a_blocked_queue(tmp_path):
+    data, control, dh_log, port, command = standin_upstream(tmp_path, "20250325085726279.mp4", 0.25, 0.3)
     d = Daemon(tmp_path, "[rules]\nheartbeat_timeout_s = 10.0\n[pipeline]\nmax_attempts = 3\n"
                "[actions]\nterm_grace_s = 1.0\nbackoff_initial_s = 0.2\nbackoff_max_s = 0.5\ncrash_loop_restarts = 20\n",
                daemon_keys=f'mode = "external"\ncommand = {json.dumps(command)}\nlog_file = "{dh_log}"\n'
@@ -392,3 +399,28 @@ def test_fifty_tasks_through_the_front_survive_a_hang_a_crash_and_a_blocked_queu
         if client is not None:
             client.stop.set()
         d.stop_and_clear()
+
+
+def test_sighup_with_new_upstream_settings_rebuilds_the_front_with_its_upstream(tmp_path):
+    """The front follows upstream's tasks with the settings it was built with: a reload that changes
+    them restarts upstream and the front together (as a new command does), and tasks still flow."""
+    import signal
+
+    data, _, _, port, command = standin_upstream(tmp_path, "template.mp4", 0.1, 0.2)
+    d = Daemon(tmp_path, "", daemon_keys=f'mode = "external"\ncommand = {json.dumps(command)}\ndata_dir = "{data}"\n'
+                                         f'upstream_url = "http://127.0.0.1:{port}"\nupstream_poll_s = 0.2\n',
+               input_roots=())
+    try:
+        assert d.wait_notify("READY=1", 60), d.log_path.read_text()[-3000:]
+        d.config.write_text(d.config.read_text().replace("upstream_poll_s = 0.2", "upstream_poll_s = 0.3"))
+        d.proc.send_signal(signal.SIGHUP)
+        record = wait_for(lambda: [r for r in d.records() if r.get("event") == "config_reloaded"], 30)
+        assert record and record[0]["service_restarted"] is True, d.log_path.read_text()[-3000:]
+        started = [r for r in d.records() if r.get("event") == "front_started"]
+        assert len(started) == 2, started
+        status, res = d.http("/easy/submit", {"audio_url": "speech.wav", "video_url": "template.mp4", "code": "after"})
+        assert status == 200 and res["code"] == 10000, res
+        done = wait_for(lambda: (q := d.http("/easy/query?code=after")[1]["data"])["status"] == 2 and q, 30)
+        assert done and done["result"] == "/after-r.mp4", d.log_path.read_text()[-3000:]
+    finally:
+        assert not d.stop_and_clear()

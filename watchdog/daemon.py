@@ -42,7 +42,7 @@ from watchdog import alerts as rules
 from watchdog import escalation, probes
 from watchdog.alerts import AlertBook, Condition, for_durations
 from watchdog.backoff import RestartPolicy
-from watchdog.config import Config, ConfigError, load
+from watchdog.config import Config, ConfigError, DaemonConfig, load
 from watchdog.metrics import Metrics
 from watchdog.reaper import ChildWatch, become_subreaper, reap
 from watchdog.sdnotify import Notifier
@@ -54,6 +54,9 @@ LOCK_TIMEOUT_S = 0.5
 RESTART_FAULTS = ("worker_dead", "worker_hung", "stage_stalled", "task_stalled")  # firing alerts that restart their unit
 FRONT_FAULTS = ("queue_full",)  # with the front (watchdog.front): upstream's log line restarts it, its tasks are kept
 UNHEALTHY = RESTART_FAULTS + ("queue_full",)  # a zombie-keeping parent that is also unhealthy is restarted
+# [daemon] keys that the front (watchdog.front) and the log watch (watchdog.logwatch) are built from.
+FRONT_KEYS = tuple(k for k in DaemonConfig.model_fields if k.startswith("upstream_")) + ("data_dir",)
+LOG_KEYS = tuple(k for k in DaemonConfig.model_fields if k.startswith("log_"))
 STEPS_PER_TICK = 3  # a dead unit: TERM (nothing left), COLLECT + START, within one tick
 
 
@@ -403,12 +406,17 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP: re-read the config (a bad one is refused and the old one kept), and give every
-        unit a fresh restart budget: one stopped in a crash loop or out of service starts again."""
-        from watchdog.http import Access, Limits
+        unit a fresh restart budget: one stopped in a crash loop or out of service starts again.
+
+        At once: rules, the interval, the API's token, bounds and input files, the log watch. A new
+        [pipeline], mode, command or front setting (upstream_*, data_dir) restarts the service.
+        The HTTP address and [store] wait for the next start (`heygem-ops restart`), said in the log."""
+        from watchdog.http import Access, JobFiles, Limits
 
         try:
             new = load(self.config_path)
             access, limits = Access.from_config(new.daemon), Limits.from_config(new.daemon)  # reads the token file
+            files = JobFiles.from_config(new.daemon, self.paths.root)
         except ConfigError as err:
             self.log.error("config_reload_failed", error=str(err), action="kept the running config")
             return
@@ -422,14 +430,23 @@ class Daemon:
                 new = new.model_copy(update={"store": self.config.store})
             old, self.config = self.config, new
             self.book = AlertBook(for_durations(new.rules), new.rules.repeat_s)
-            if self.http is not None:  # token, open paths, bounds apply at once; the address needs a restart
-                self.http.configure(access._replace(loopback=self.http.access.loopback), limits)
+            if self.http is not None:  # token, open paths, bounds, inputs apply at once; the address needs a restart
+                self.http.configure(access._replace(loopback=self.http.access.loopback), limits, files)
                 if (new.daemon.http_host, new.daemon.http_port) != (old.daemon.http_host, old.daemon.http_port):
                     self.log.warning("http_address_unchanged", serving=self.http.url,
                                      why="http_host and http_port take effect at the next start: heygem-ops restart")
             if new.daemon.interval_s != old.daemon.interval_s and self.scheduler is not None:
                 self.scheduler.reschedule_job("tick", trigger="interval", seconds=new.daemon.interval_s)
-            restart = new.pipeline != old.pipeline or new.daemon.mode != old.daemon.mode or new.daemon.command != old.daemon.command
+            # The front follows upstream's tasks with the settings it was built with, and hands them
+            # back when it stops: it is rebuilt with its upstream, as after a new command.
+            front = (new.daemon.mode == "external" and bool(old.daemon.upstream_url or new.daemon.upstream_url)
+                     and _differ(old.daemon, new.daemon, FRONT_KEYS))
+            restart = (new.pipeline != old.pipeline or new.daemon.mode != old.daemon.mode
+                       or new.daemon.command != old.daemon.command or front)
+            if not restart and _differ(old.daemon, new.daemon, LOG_KEYS):
+                from watchdog.logwatch import LogWatch
+
+                self.logwatch = LogWatch.of(new.daemon) if new.daemon.log_file and new.daemon.mode == "external" else None
             if restart:
                 self._stop_service(old.daemon.stop_grace_s)
                 self.ready_sent = False
@@ -793,3 +810,8 @@ def _version() -> str:
     from heygem import __version__
 
     return __version__
+
+
+def _differ(old, new, keys) -> bool:
+    """Does any of `keys` differ between two config sections?"""
+    return any(getattr(old, k) != getattr(new, k) for k in keys)

@@ -380,10 +380,12 @@ class ApiServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def configure(self, access: Access, limits: Limits) -> None:
-        """New access rules and bounds for the requests that arrive from now on."""
+    def configure(self, access: Access, limits: Limits, files: Optional[JobFiles] = None) -> None:
+        """New access rules, bounds and input roots for the requests that arrive from now on."""
         self.access, self.limits = access, limits
         self.stats.limits = limits
+        if files is not None:
+            self.files = files
 
     def start(self) -> None:
         """Bind (port 0 picks a free port, then `.port` is the real one) and serve in a thread.
