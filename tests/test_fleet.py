@@ -186,9 +186,9 @@ def test_fleet_view_in_jobs_and_status(daemons, cli, media, tmp_path, pg_fresh_u
 
     c = daemons("host-c", store_config(pg_fresh_url, lease_s=30.0))  # creates the schema
     assert ready(c), c.log_path.read_text()[-3000:]
+    c.stop()  # before the submit: no replica of ours may claim (and finish) it first
     store = open_store(pg_fresh_url)
     job = store.submit(str(media["audio"]), str(media["template"]), str(tmp_path / "o.mp4"), code="elsewhere")
-    c.stop()  # no replica of ours competes for it
     held = store.claim("replica-3.1@gpu-09:777", lease_s=600)
     assert held.id == job.id
     env = {"HEYGEM_OPS_CONFIG": str(c.config)}
