@@ -27,6 +27,8 @@ CACHE_BYTES = 256 << 20
 MUX_TIMEOUT_S = 600.0
 # An EncodedWriter whose ffmpeg takes no frame data for this long has failed.
 WRITE_STALL_S = 60.0
+
+
 class Encoding(NamedTuple):
     """What `mux` and `EncodedWriter` produce: H.264 (x264) + AAC, ending with the shorter stream.
 
@@ -45,6 +47,8 @@ class Encoding(NamedTuple):
     def args(self) -> list[str]:
         return ["-c:v", "libx264", "-preset", self.preset, "-crf", str(self.crf), "-threads", str(self.threads),
                 "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k", "-shortest"]
+
+
 # OpenCV's FFmpeg backend reads an input as exactly one local file, like heygem.audio's ffmpeg:
 # the file protocol only, and containers that cannot refer to other files (an HLS playlist would
 # otherwise make it read any video on the host). OpenCV reads this variable at every open.
