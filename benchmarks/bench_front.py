@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from datetime import datetime
 from pathlib import Path
 
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.support import standin_upstream  # noqa: E402
+from benchmarks.support.standin_upstream import write_wav  # noqa: E402
 from benchmarks.support.daemon_helpers import Daemon, wait_for  # noqa: E402
 
 STANDIN = Path(standin_upstream.__file__)
@@ -49,14 +49,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def write_wav(path: Path, seconds: float, rate: int = 8000) -> None:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"\x00\x00" * int(seconds * rate))
 
 
 def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[float, dict]:

@@ -192,7 +192,21 @@ def _why_unwritable(folder: Path) -> str:
     return "no encoder for mp4v in this OpenCV build?"
 
 
-class VideoWriter:
+class Published:
+    """A file written to a temp name: `close()` publishes it, `abort()` discards it; a `with` block
+    does the first when it ends cleanly and the second when it raises."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class VideoWriter(Published):
     """Write BGR uint8 frames to `path` (mp4v in MP4), atomically.
 
     Frames go to a hidden temp file in the same folder; `close()` renames it to `path`, and
@@ -256,15 +270,6 @@ class VideoWriter:
             self._writer = None
         _discard(self.tmp)
 
-    def __enter__(self) -> "VideoWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def mux(video: Union[str, Path], audio: Union[str, Path], out: Union[str, Path], timeout_s: float = MUX_TIMEOUT_S,
         encoding: Encoding = Encoding()) -> bool:
@@ -310,7 +315,7 @@ def open_writer(path: Union[str, Path], fps: float, size: tuple[int, int], audio
     return VideoWriter(path, fps, size)
 
 
-class EncodedWriter:
+class EncodedWriter(Published):
     """Pipe BGR uint8 frames into ffmpeg, which encodes them with `audio` under them as `mux`
     does (`encoding`), atomically, as they come.
 
@@ -454,15 +459,6 @@ class EncodedWriter:
                 return cause or lines[-1]
         code = self._proc.poll() if code is None and self._proc is not None else code
         return f"exit {code}" if code is not None else "no reason given"
-
-    def __enter__(self) -> "EncodedWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _check_frame(writer, frame: np.ndarray, open_: bool) -> None:

@@ -16,13 +16,13 @@ import sys
 import threading
 import time
 import uuid
-import wave
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from benchmarks.support import standin_upstream as standin
+from benchmarks.support.standin_upstream import write_wav
 from heygem.jobs import JobStore
 from tests.daemon_helpers import Daemon, wait_for
 from watchdog.front import WORKER, Front, Pace
@@ -30,15 +30,6 @@ from watchdog.upstream_api import UpstreamApi
 
 STANDIN = Path(standin.__file__)
 QUEUE_FULL_LINE = standin.QUEUE_FULL
-
-
-def write_wav(path: Path, seconds: float, rate: int = 8000) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"\x00\x00" * int(seconds * rate))
-    return path
 
 
 def body(code: str, audio: str = "a.wav", video: str = "v.mp4", **extras) -> bytes:

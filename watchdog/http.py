@@ -212,13 +212,7 @@ def loopback_host(value: str) -> bool:
         name, _, port = value.partition(":")
         if port and not (port.isascii() and port.isdigit()):
             return False
-    name = name.rstrip(".").lower()
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(name)
 
 
 def upstream(code: int, msg: str, data: Optional[dict] = None) -> dict:

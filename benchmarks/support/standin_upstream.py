@@ -39,6 +39,16 @@ from urllib.parse import parse_qs, urlsplit
 QUEUE_FULL = "任务视频驱动队列满，严重阻塞，下游队列异常"
 
 
+def write_wav(path: Path, seconds: float, rate: int = 8000) -> Path:
+    """A silent mono 16-bit WAV: an input whose length the stand-in reads as the task's speech."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\x00\x00" * int(seconds * rate))
+    return path
+
+
 class Upstream:
     def __init__(self, args):
         self.data = Path(args.data)
